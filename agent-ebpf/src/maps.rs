@@ -1,0 +1,43 @@
+//! The maps, typed with the layouts from `idgate-common`.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+};
+use idgate_common::{
+    CidrData, CidrValue, Counter, EventBucket, FragKey, FragValue, GlobalConfig, ServiceKey,
+    ServiceValue, SessionKey, SessionValue, COUNTER_ENTRIES, DEFAULT_MAX_SESSIONS,
+    EVENTS_RING_BYTES, MAX_CIDR_RULES, MAX_SERVICES, MAX_TRACKED_FRAGMENTS,
+};
+
+#[map(name = "IDGATE_SERVICES")]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(MAX_SERVICES, 0);
+
+// Preallocated: lookups and updates never allocate, and the cost of a lookup stays flat as the
+// table fills. The agent sets the capacity at load time.
+#[map(name = "IDGATE_SESSIONS")]
+pub static SESSIONS: HashMap<SessionKey, SessionValue> =
+    HashMap::with_max_entries(DEFAULT_MAX_SESSIONS, 0);
+
+#[map(name = "IDGATE_CIDR_DENY")]
+pub static CIDR_DENY: LpmTrie<CidrData, CidrValue> = LpmTrie::with_max_entries(MAX_CIDR_RULES, 0);
+
+#[map(name = "IDGATE_CIDR_ALLOW")]
+pub static CIDR_ALLOW: LpmTrie<CidrData, CidrValue> = LpmTrie::with_max_entries(MAX_CIDR_RULES, 0);
+
+#[map(name = "IDGATE_COUNTERS")]
+pub static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(COUNTER_ENTRIES, 0);
+
+#[map(name = "IDGATE_EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+
+#[map(name = "IDGATE_EVENT_BUCKET")]
+pub static EVENT_BUCKET: PerCpuArray<EventBucket> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "IDGATE_CONFIG")]
+pub static CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
+
+#[map(name = "IDGATE_FRAGMENTS")]
+pub static FRAGMENTS: LruHashMap<FragKey, FragValue> =
+    LruHashMap::with_max_entries(MAX_TRACKED_FRAGMENTS, 0);

@@ -1,0 +1,374 @@
+//! Header parsing, shared by both attach points. Pure: no maps, no side effects.
+//!
+//! Every read goes through [`header`], which checks the whole header against the end of the packet
+//! once. The parser never guesses: anything it cannot read to the end is reported as such, and
+//! the verdict decides what that means (it fails closed when the packet may be for a protected
+//! port).
+
+use core::mem::size_of;
+
+use idgate_common::{IPPROTO_TCP, IPPROTO_UDP};
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+/// VLAN tags looked through (802.1ad outer + 802.1Q inner); more is refused as unparseable.
+const MAX_VLAN_TAGS: usize = 2;
+/// IPv6 extension headers walked before giving up; real traffic carries one or two.
+const MAX_IPV6_EXT_HEADERS: usize = 8;
+
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_AUTH: u8 = 51;
+const IPV6_DEST_OPTS: u8 = 60;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// Where a packet sits in a fragmented datagram.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Frag {
+    /// Not fragmented.
+    None,
+    /// Offset 0 with more fragments: carries the transport header.
+    First,
+    /// Offset > 0: carries no transport header.
+    Later,
+}
+
+/// How far the transport header could be read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum L4 {
+    /// Ports (and TCP fields) are valid.
+    Complete,
+    /// A non-first fragment: no transport header, ports unknown.
+    Fragment,
+    /// The transport header is truncated or malformed.
+    Malformed,
+}
+
+/// What the parser found in a TCP or UDP packet.
+pub struct Flow {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub l3_off: usize,
+    pub seq: u32,
+    pub ack: u32,
+    /// TCP segment length after the header (for the RST's acknowledgment number).
+    pub payload_len: u32,
+    pub frag_id: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub ip_version: u8,
+    pub tcp_flags: u8,
+    pub frag: Frag,
+    pub l4: L4,
+}
+
+impl Flow {
+    #[inline(always)]
+    pub const fn new() -> Self {
+        Flow {
+            src: [0; 16],
+            dst: [0; 16],
+            l3_off: 0,
+            seq: 0,
+            ack: 0,
+            payload_len: 0,
+            frag_id: 0,
+            sport: 0,
+            dport: 0,
+            proto: 0,
+            ip_version: 0,
+            tcp_flags: 0,
+            frag: Frag::None,
+            l4: L4::Malformed,
+        }
+    }
+
+    /// A TCP SYN without ACK: the first packet of a new connection.
+    #[inline(always)]
+    pub fn is_syn(&self) -> bool {
+        self.proto == IPPROTO_TCP && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+}
+
+/// The parser's finding.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Parsed {
+    /// Not IP, or IP carrying neither TCP nor UDP: nothing idgate protects.
+    Unprotected,
+    /// Claims to be IP but its network layer cannot be read to the end (bad version, lengths,
+    /// truncation, too many VLAN tags or extension headers): the protocol is unknown.
+    BadL3,
+    /// TCP or UDP; see [`Flow::l4`] for how much of it could be read.
+    Ip,
+}
+
+/// A pointer to a `T`-sized header at `off`, if the whole header lies within the packet.
+///
+/// The pointer goes through `black_box` so LLVM cannot prove this check redundant from earlier
+/// arithmetic on lengths and drop it: the verifier only accepts bounds it sees checked on the very
+/// pointer that is dereferenced.
+#[inline(always)]
+pub fn header<T>(start: usize, end: usize, off: usize) -> Option<*mut T> {
+    let p = core::hint::black_box(start + off);
+    if p + size_of::<T>() > end {
+        return None;
+    }
+    Some(p as *mut T)
+}
+
+#[inline(always)]
+fn be16(b: &[u8], i: usize) -> u16 {
+    u16::from_be_bytes([b[i], b[i + 1]])
+}
+
+#[inline(always)]
+fn be32(b: &[u8], i: usize) -> u32 {
+    u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+}
+
+/// The packet as an attach point sees it.
+pub trait Packet {
+    /// Address of the first byte (direct packet access).
+    fn data(&self) -> usize;
+    /// Address one past the last directly accessible byte.
+    fn data_end(&self) -> usize;
+    /// Copies `N` bytes at `off` through the hook's load-bytes helper.
+    fn load<const N: usize>(&self, off: usize) -> Option<[u8; N]>;
+}
+
+/// Parses Ethernet (with up to two VLAN tags), IPv4 or IPv6 (with extension headers), TCP or UDP.
+#[inline(always)]
+pub fn parse<P: Packet>(pkt: &P, flow: &mut Flow) -> Parsed {
+    let start = pkt.data();
+    let end = pkt.data_end();
+    let Some(eth) = header::<[u8; 14]>(start, end, 0) else {
+        // Shorter than an Ethernet header: no stack will take it as IP.
+        return Parsed::Unprotected;
+    };
+    // SAFETY: `header` checked that 14 bytes are within the packet.
+    let mut ethertype = be16(unsafe { &*eth }, 12);
+    let mut off = 14usize;
+    for _ in 0..MAX_VLAN_TAGS {
+        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+            break;
+        }
+        let Some(tag) = header::<[u8; 4]>(start, end, off) else {
+            return Parsed::BadL3;
+        };
+        // SAFETY: checked by `header`.
+        ethertype = be16(unsafe { &*tag }, 2);
+        off += 4;
+    }
+    flow.l3_off = off;
+    match ethertype {
+        ETH_P_IP => parse_ipv4(start, end, off, flow),
+        ETH_P_IPV6 => parse_ipv6(pkt, start, end, off, flow),
+        ETH_P_8021Q | ETH_P_8021AD => Parsed::BadL3,
+        _ => Parsed::Unprotected,
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4(start: usize, end: usize, off: usize, flow: &mut Flow) -> Parsed {
+    let Some(ip) = header::<[u8; 20]>(start, end, off) else {
+        return Parsed::BadL3;
+    };
+    // SAFETY: checked by `header`.
+    let ip = unsafe { &*ip };
+    if ip[0] >> 4 != 4 {
+        return Parsed::BadL3;
+    }
+    let ihl = ((ip[0] & 0x0f) as usize) * 4;
+    let total = be16(ip, 2) as usize;
+    if ihl < 20 || total < ihl || off + total > end - start {
+        return Parsed::BadL3;
+    }
+    let proto = ip[9];
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return Parsed::Unprotected;
+    }
+    flow.ip_version = 4;
+    flow.proto = proto;
+    flow.src[10] = 0xff;
+    flow.src[11] = 0xff;
+    flow.src[12..16].copy_from_slice(&ip[12..16]);
+    flow.dst[10] = 0xff;
+    flow.dst[11] = 0xff;
+    flow.dst[12..16].copy_from_slice(&ip[16..20]);
+    flow.frag_id = be16(ip, 4) as u32;
+    let frag = be16(ip, 6);
+    let more_fragments = frag & 0x2000 != 0;
+    if frag & 0x1fff != 0 {
+        flow.frag = Frag::Later;
+        flow.l4 = L4::Fragment;
+        return Parsed::Ip;
+    }
+    if more_fragments {
+        flow.frag = Frag::First;
+    }
+    parse_l4(start, end, off + ihl, off + total, flow);
+    Parsed::Ip
+}
+
+#[inline(always)]
+fn parse_ipv6<P: Packet>(pkt: &P, start: usize, end: usize, off: usize, flow: &mut Flow) -> Parsed {
+    let Some(ip) = header::<[u8; 40]>(start, end, off) else {
+        return Parsed::BadL3;
+    };
+    // SAFETY: checked by `header`.
+    let ip = unsafe { &*ip };
+    if ip[0] >> 4 != 6 {
+        return Parsed::BadL3;
+    }
+    // RFC 4291 §2.5.5.2: IPv4-mapped addresses never appear on the wire. Refusing them keeps an
+    // IPv6 packet from posing as the IPv4 client whose session key it would share.
+    if ip[8..20] == V4_MAPPED_PREFIX {
+        return Parsed::BadL3;
+    }
+    let ip_end = off + 40 + be16(ip, 4) as usize;
+    flow.src.copy_from_slice(&ip[8..24]);
+    flow.dst.copy_from_slice(&ip[24..40]);
+    flow.ip_version = 6;
+    let next = ip[6];
+    if next == IPPROTO_TCP || next == IPPROTO_UDP {
+        // The common case, no extension headers: read the transport header in place.
+        flow.proto = next;
+        if ip_end > end - start {
+            return Parsed::BadL3;
+        }
+        parse_l4(start, end, off + 40, ip_end, flow);
+        return Parsed::Ip;
+    }
+    if !is_extension(next) {
+        return Parsed::Unprotected;
+    }
+    parse_ipv6_extensions(pkt, start, end, off + 40, ip_end, next, flow)
+}
+
+const V4_MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+
+#[inline(always)]
+fn is_extension(next: u8) -> bool {
+    matches!(
+        next,
+        IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS | IPV6_AUTH | IPV6_FRAGMENT
+    )
+}
+
+/// Walks the extension headers, then reads the transport header.
+///
+/// Reads go through the hook's load-bytes helper rather than direct packet access: the offset
+/// then stays an ordinary scalar to the verifier, so the bounded walk is verified in a handful
+/// of states instead of one per combination of header lengths.
+#[inline(always)]
+fn parse_ipv6_extensions<P: Packet>(
+    pkt: &P,
+    start: usize,
+    end: usize,
+    mut l4: usize,
+    ip_end: usize,
+    mut next: u8,
+    flow: &mut Flow,
+) -> Parsed {
+    let mut walked = false;
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        if !is_extension(next) {
+            walked = true;
+            break;
+        }
+        let Some(ext) = pkt.load::<8>(l4) else {
+            return Parsed::BadL3;
+        };
+        let kind = next;
+        next = ext[0];
+        l4 += match kind {
+            // The authentication header counts in 4-byte units, the others in 8-byte units.
+            IPV6_AUTH => (ext[1] as usize + 2) * 4,
+            IPV6_FRAGMENT => 8,
+            _ => (ext[1] as usize + 1) * 8,
+        };
+        if kind == IPV6_FRAGMENT {
+            let field = be16(&ext, 2);
+            flow.frag_id = be32(&ext, 4);
+            if field >> 3 != 0 {
+                // What follows is the middle of the payload; `next` names its protocol.
+                flow.frag = Frag::Later;
+                walked = true;
+                break;
+            }
+            if field & 1 != 0 {
+                flow.frag = Frag::First;
+            }
+            // Otherwise an atomic fragment (RFC 6946): a whole datagram.
+        }
+    }
+    if !walked || l4 > ip_end || ip_end > end - start {
+        return Parsed::BadL3;
+    }
+    if next != IPPROTO_TCP && next != IPPROTO_UDP {
+        return Parsed::Unprotected;
+    }
+    flow.proto = next;
+    if flow.frag == Frag::Later {
+        flow.l4 = L4::Fragment;
+        return Parsed::Ip;
+    }
+    flow.l4 = L4::Malformed;
+    if next == IPPROTO_TCP {
+        if let Some(tcp) = pkt.load::<20>(l4) {
+            fill_tcp(&tcp, l4, ip_end, flow);
+        }
+    } else if let Some(udp) = pkt.load::<8>(l4) {
+        fill_udp(&udp, l4, ip_end, flow);
+    }
+    Parsed::Ip
+}
+
+#[inline(always)]
+fn parse_l4(start: usize, end: usize, l4: usize, ip_end: usize, flow: &mut Flow) {
+    flow.l4 = L4::Malformed;
+    if flow.proto == IPPROTO_TCP {
+        if let Some(tcp) = header::<[u8; 20]>(start, end, l4) {
+            // SAFETY: checked by `header`.
+            fill_tcp(unsafe { &*tcp }, l4, ip_end, flow);
+        }
+    } else if let Some(udp) = header::<[u8; 8]>(start, end, l4) {
+        // SAFETY: checked by `header`.
+        fill_udp(unsafe { &*udp }, l4, ip_end, flow);
+    }
+}
+
+/// Fills the flow from a TCP header at `l4` if it is whole within the datagram ending at `ip_end`.
+#[inline(always)]
+fn fill_tcp(tcp: &[u8; 20], l4: usize, ip_end: usize, flow: &mut Flow) {
+    let header_len = ((tcp[12] >> 4) as usize) * 4;
+    if header_len < 20 || l4 + header_len > ip_end {
+        return;
+    }
+    flow.sport = be16(tcp, 0);
+    flow.dport = be16(tcp, 2);
+    flow.seq = be32(tcp, 4);
+    flow.ack = be32(tcp, 8);
+    flow.tcp_flags = tcp[13];
+    flow.payload_len = (ip_end - l4 - header_len) as u32;
+    flow.l4 = L4::Complete;
+}
+
+/// Fills the flow from a UDP header at `l4` if it is whole within the datagram ending at `ip_end`.
+#[inline(always)]
+fn fill_udp(udp: &[u8; 8], l4: usize, ip_end: usize, flow: &mut Flow) {
+    if l4 + 8 > ip_end {
+        return;
+    }
+    flow.sport = be16(udp, 0);
+    flow.dport = be16(udp, 2);
+    flow.l4 = L4::Complete;
+}

@@ -1,0 +1,807 @@
+//! The data plane: loads idgate's XDP/TC programs, attaches them, and keeps their maps.
+//!
+//! This is the typed API the identity layer drives: services and CIDR rules from the
+//! configuration, sessions from verified tokens, counters and events back out. Every method
+//! validates its whole input before touching a map, so bad input changes nothing.
+
+mod events;
+#[expect(unsafe_code, reason = "raw bpf(2) batch commands and clock_gettime; SAFETY notes inside")]
+mod sys;
+mod types;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io,
+    net::IpAddr,
+    os::fd::AsFd,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, IterableMap, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::{Key, LpmTrie}},
+    programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId, xdp::XdpLinkId},
+};
+use idgate_common::{self as common, Reason};
+use ipnet::IpNet;
+use thiserror::Error;
+
+pub use events::{AsyncEventReader, DataplaneEvent, EventKind, EventReader};
+pub use types::{
+    CidrAction, CidrRule, Count, EventStats, Expiry, Protocol, Service, ServiceAction,
+    ServiceCounters, ServiceId, Session, addr_from_kernel, addr_to_kernel,
+};
+
+/// The compiled eBPF object (an empty stub when the build skipped the eBPF crate).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/idgate-ebpf"));
+
+/// Errors of the data plane, each naming the operation and the object it failed on.
+#[derive(Debug, Error)]
+pub enum DataplaneError {
+    /// The embedded object is the empty stub: the eBPF build was skipped.
+    #[error(
+        "this idgate binary was built without its eBPF programs (bpf-linker was missing); \
+         rebuild after `cargo xtask setup`"
+    )]
+    NoObject,
+    /// Loading the object or a program failed (the verifier's log is in the message).
+    #[error("loading {what}: {source}")]
+    Load {
+        /// What was being loaded.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Attaching or detaching a program failed.
+    #[error("{op} on interface {iface}: {source}")]
+    Attach {
+        /// The operation.
+        op: &'static str,
+        /// The interface.
+        iface: String,
+        /// Why it failed.
+        #[source]
+        source: ProgramError,
+    },
+    /// A map operation failed.
+    #[error("{op} in map {map}: {source}")]
+    Map {
+        /// The operation.
+        op: &'static str,
+        /// The map.
+        map: &'static str,
+        /// Why it failed.
+        #[source]
+        source: MapError,
+    },
+    /// A batched map operation failed part-way.
+    #[error("{op} in map {map}: {written} of {total} entries written, then: {source}")]
+    Batch {
+        /// The operation.
+        op: &'static str,
+        /// The map.
+        map: &'static str,
+        /// Entries processed before the failure.
+        written: usize,
+        /// Entries requested.
+        total: usize,
+        /// Why it failed (E2BIG: the map is full).
+        #[source]
+        source: io::Error,
+    },
+    /// A system call outside the map API failed.
+    #[error("{op}: {source}")]
+    Io {
+        /// The operation.
+        op: String,
+        /// Why it failed.
+        #[source]
+        source: io::Error,
+    },
+    /// The input was refused; nothing was changed.
+    #[error("invalid input: {0}")]
+    Invalid(String),
+    /// The interface has no idgate program attached.
+    #[error("interface {0} has no idgate program attached")]
+    NotAttached(String),
+}
+
+/// How to attach to an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AttachMode {
+    /// XDP in the driver; falls back to generic XDP, with a warning, where the driver lacks it.
+    Xdp,
+    /// XDP in the driver only; fails where the driver lacks it.
+    XdpNative,
+    /// Generic (skb) XDP: works everywhere, runs after the skb is allocated.
+    XdpGeneric,
+    /// A TC classifier on ingress (a TCX link on kernels ≥ 6.6, else clsact).
+    Tc,
+}
+
+impl std::str::FromStr for AttachMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "xdp" => Ok(AttachMode::Xdp),
+            "xdp-native" => Ok(AttachMode::XdpNative),
+            "xdp-generic" => Ok(AttachMode::XdpGeneric),
+            "tc" => Ok(AttachMode::Tc),
+            other => Err(format!(
+                "unknown attach mode {other:?}: expected xdp, xdp-native, xdp-generic or tc"
+            )),
+        }
+    }
+}
+
+/// How a program ended up attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Attached {
+    /// XDP in the driver.
+    XdpNative,
+    /// Generic XDP.
+    XdpGeneric,
+    /// TC ingress.
+    Tc,
+}
+
+impl std::fmt::Display for Attached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Attached::XdpNative => "xdp-native",
+            Attached::XdpGeneric => "xdp-generic",
+            Attached::Tc => "tc",
+        })
+    }
+}
+
+enum Link {
+    Xdp(XdpLinkId),
+    Tc(SchedClassifierLinkId),
+}
+
+/// Load-time settings.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    /// Capacity of the sessions map (preallocated).
+    pub max_sessions: u32,
+    /// Events per second each CPU may emit.
+    pub events_per_sec: u64,
+    /// Burst of events each CPU may emit.
+    pub events_burst: u64,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            max_sessions: common::DEFAULT_MAX_SESSIONS,
+            events_per_sec: 200,
+            events_burst: 400,
+        }
+    }
+}
+
+/// The loaded programs and their maps.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    services_map: HashMap<MapData, common::ServiceKey, common::ServiceValue>,
+    sessions_map: HashMap<MapData, common::SessionKey, common::SessionValue>,
+    cidr_deny: LpmTrie<MapData, common::CidrData, common::CidrValue>,
+    cidr_allow: LpmTrie<MapData, common::CidrData, common::CidrValue>,
+    counters: PerCpuArray<MapData, common::Counter>,
+    bucket: PerCpuArray<MapData, common::EventBucket>,
+    config: Array<MapData, common::GlobalConfig>,
+    events: Option<RingBuf<MapData>>,
+    logger: Option<aya_log::EbpfLogger<ForwardToTracing>>,
+    options: LoadOptions,
+    services: BTreeMap<ServiceId, Service>,
+    cidr_rules: Vec<CidrRule>,
+    links: BTreeMap<String, (Attached, Link)>,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or_else(|| DataplaneError::Load {
+        what: format!("map {name}"),
+        source: "not in the eBPF object".into(),
+    })?;
+    T::try_from(map).map_err(|source| DataplaneError::Map {
+        op: "opening",
+        map: name,
+        source,
+    })
+}
+
+fn map_err(op: &'static str, map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { op, map, source }
+}
+
+/// Whether a map error is "no such key".
+fn is_not_found(e: &MapError) -> bool {
+    matches!(e, MapError::KeyNotFound)
+        || matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::ENOENT))
+}
+
+impl Dataplane {
+    /// Loads the programs (verifying them) and creates the maps. Attaches nothing.
+    pub fn load(options: LoadOptions) -> Result<Dataplane, DataplaneError> {
+        if OBJECT.is_empty() {
+            return Err(DataplaneError::NoObject);
+        }
+        if options.max_sessions == 0 {
+            return Err(DataplaneError::Invalid("max_sessions must be at least 1".into()));
+        }
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(common::maps::SESSIONS, options.max_sessions)
+            .load(OBJECT)
+            .map_err(|e| DataplaneError::Load {
+                what: "the idgate eBPF object".into(),
+                source: Box::new(e),
+            })?;
+        let logger = match aya_log::EbpfLogger::init_with_logger(&mut ebpf, ForwardToTracing) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, "eBPF log forwarding unavailable");
+                None
+            }
+        };
+        for name in [common::programs::XDP, common::programs::XDP_FLOOR] {
+            let prog: &mut Xdp = program_mut(&mut ebpf, name)?;
+            prog.load().map_err(|e| DataplaneError::Load {
+                what: format!("program {name}"),
+                source: Box::new(e),
+            })?;
+        }
+        let tc: &mut SchedClassifier = program_mut(&mut ebpf, common::programs::TC)?;
+        tc.load().map_err(|e| DataplaneError::Load {
+            what: format!("program {}", common::programs::TC),
+            source: Box::new(e),
+        })?;
+
+        let mut dp = Dataplane {
+            services_map: take(&mut ebpf, common::maps::SERVICES)?,
+            sessions_map: take(&mut ebpf, common::maps::SESSIONS)?,
+            cidr_deny: take(&mut ebpf, common::maps::CIDR_DENY)?,
+            cidr_allow: take(&mut ebpf, common::maps::CIDR_ALLOW)?,
+            counters: take(&mut ebpf, common::maps::COUNTERS)?,
+            bucket: take(&mut ebpf, common::maps::EVENT_BUCKET)?,
+            config: take(&mut ebpf, common::maps::CONFIG)?,
+            events: Some(take(&mut ebpf, common::maps::EVENTS)?),
+            ebpf,
+            logger,
+            options,
+            services: BTreeMap::new(),
+            cidr_rules: Vec::new(),
+            links: BTreeMap::new(),
+        };
+        dp.write_config()?;
+        Ok(dp)
+    }
+
+    /// Starts forwarding the programs' aya-log records into `tracing` (needs a tokio runtime).
+    pub fn spawn_log_forwarder(&mut self) -> Result<(), DataplaneError> {
+        let Some(logger) = self.logger.take() else {
+            return Ok(());
+        };
+        let mut fd = sys::register_readable(logger).map_err(|e| DataplaneError::Io {
+                op: "registering the eBPF log ring with tokio".into(),
+                source: e,
+            })?;
+        tokio::spawn(async move {
+            loop {
+                let Ok(mut guard) = fd.readable_mut().await else {
+                    return;
+                };
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+        });
+        Ok(())
+    }
+
+    /// Writes any pending aya-log records now (for callers without a tokio runtime).
+    pub fn flush_logs(&mut self) {
+        if let Some(l) = self.logger.as_mut() {
+            l.flush();
+        }
+    }
+
+    fn write_config(&mut self) -> Result<(), DataplaneError> {
+        let protects = self
+            .services
+            .values()
+            .fold(0, |acc, s| acc | common::protects_bit(s.protocol.number()));
+        let cfg = common::GlobalConfig {
+            events_per_sec: self.options.events_per_sec.min(common::MAX_EVENTS_PER_SEC),
+            events_burst: self.options.events_burst.min(common::MAX_EVENT_BURST),
+            protects,
+            layout_version: common::MAP_LAYOUT_VERSION,
+        };
+        self.config
+            .set(0, cfg, 0)
+            .map_err(map_err("writing the configuration", common::maps::CONFIG))
+    }
+
+    /// Attaches the enforcement program to `iface`'s ingress; returns how it ended up attached.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<Attached, DataplaneError> {
+        if self.links.contains_key(iface) {
+            return Err(DataplaneError::Invalid(format!(
+                "interface {iface} is already attached"
+            )));
+        }
+        let attach_err = |source| DataplaneError::Attach {
+            op: "attaching",
+            iface: iface.to_owned(),
+            source,
+        };
+        let (attached, link) = match mode {
+            AttachMode::Tc => {
+                let prog: &mut SchedClassifier = program_mut(&mut self.ebpf, common::programs::TC)?;
+                let id = prog.attach(iface, TcAttachType::Ingress).map_err(attach_err)?;
+                (Attached::Tc, Link::Tc(id))
+            }
+            AttachMode::XdpGeneric => {
+                let prog: &mut Xdp = program_mut(&mut self.ebpf, common::programs::XDP)?;
+                let id = prog.attach(iface, XdpMode::Skb).map_err(attach_err)?;
+                (Attached::XdpGeneric, Link::Xdp(id))
+            }
+            AttachMode::XdpNative | AttachMode::Xdp => {
+                let prog: &mut Xdp = program_mut(&mut self.ebpf, common::programs::XDP)?;
+                match prog.attach(iface, XdpMode::Driver) {
+                    Ok(id) => (Attached::XdpNative, Link::Xdp(id)),
+                    Err(e) if mode == AttachMode::Xdp => {
+                        tracing::warn!(
+                            iface,
+                            error = %e,
+                            "native XDP unavailable; falling back to generic XDP, which runs later \
+                             and costs more per packet"
+                        );
+                        let id = prog.attach(iface, XdpMode::Skb).map_err(attach_err)?;
+                        (Attached::XdpGeneric, Link::Xdp(id))
+                    }
+                    Err(e) => return Err(attach_err(e)),
+                }
+            }
+        };
+        tracing::info!(iface, mode = %attached, "enforcement attached");
+        self.links.insert(iface.to_owned(), (attached, link));
+        Ok(attached)
+    }
+
+    /// Detaches from `iface`: its traffic is no longer enforced.
+    pub fn detach(&mut self, iface: &str) -> Result<(), DataplaneError> {
+        let Some((attached, link)) = self.links.remove(iface) else {
+            return Err(DataplaneError::NotAttached(iface.to_owned()));
+        };
+        let detach_err = |source| DataplaneError::Attach {
+            op: "detaching",
+            iface: iface.to_owned(),
+            source,
+        };
+        match link {
+            Link::Xdp(id) => {
+                let prog: &mut Xdp = program_mut(&mut self.ebpf, common::programs::XDP)?;
+                prog.detach(id).map_err(detach_err)?;
+            }
+            Link::Tc(id) => {
+                let prog: &mut SchedClassifier = program_mut(&mut self.ebpf, common::programs::TC)?;
+                prog.detach(id).map_err(detach_err)?;
+            }
+        }
+        tracing::info!(iface, mode = %attached, "enforcement detached");
+        Ok(())
+    }
+
+    /// Interfaces with a program attached, and how.
+    pub fn attachments(&self) -> Vec<(String, Attached)> {
+        self.links.iter().map(|(i, (a, _))| (i.clone(), *a)).collect()
+    }
+
+    /// Replaces the set of protected services. Refused whole if two services share an id or a
+    /// (protocol, port), or if a CIDR rule would be left naming a removed service.
+    pub fn set_services(&mut self, services: &[Service]) -> Result<(), DataplaneError> {
+        let mut by_id = BTreeMap::new();
+        let mut ports = BTreeSet::new();
+        for s in services {
+            if by_id.insert(s.id, *s).is_some() {
+                return Err(DataplaneError::Invalid(format!(
+                    "service id {} is used twice",
+                    s.id.get()
+                )));
+            }
+            if !ports.insert((s.protocol, s.port)) {
+                return Err(DataplaneError::Invalid(format!(
+                    "{}/{} is protected twice",
+                    s.port, s.protocol
+                )));
+            }
+        }
+        if let Some(r) = self.cidr_rules.iter().find(|r| !by_id.contains_key(&r.service)) {
+            return Err(DataplaneError::Invalid(format!(
+                "CIDR rule {} for {} names service {}, which would no longer exist; \
+                 change the CIDR rules first",
+                r.rule_id,
+                r.net,
+                r.service.get()
+            )));
+        }
+        let old = std::mem::replace(&mut self.services, by_id);
+        // Insert or update first, then remove: a port that stays protected never opens.
+        for s in self.services.values() {
+            let key = service_key(s);
+            let value = self.service_value(s);
+            self.services_map
+                .insert(key, value, 0)
+                .map_err(map_err("inserting a service", common::maps::SERVICES))?;
+        }
+        let kept: BTreeSet<_> = self.services.values().map(service_key).collect();
+        for s in old.values() {
+            let key = service_key(s);
+            if !kept.contains(&key) {
+                match self.services_map.remove(&key) {
+                    Ok(()) => {}
+                    Err(e) if is_not_found(&e) => {}
+                    Err(e) => return Err(map_err("removing a service", common::maps::SERVICES)(e)),
+                }
+            }
+        }
+        self.write_config()
+    }
+
+    /// The protected services.
+    pub fn services(&self) -> Vec<Service> {
+        self.services.values().copied().collect()
+    }
+
+    fn service_value(&self, s: &Service) -> common::ServiceValue {
+        let mut flags = 0;
+        for r in self.cidr_rules.iter().filter(|r| r.service == s.id) {
+            flags |= match r.action {
+                CidrAction::Allow => common::SERVICE_HAS_ALLOW,
+                CidrAction::Deny => common::SERVICE_HAS_DENY,
+            };
+        }
+        common::ServiceValue {
+            service_id: s.id.get(),
+            action: match s.action {
+                ServiceAction::Drop => common::DefaultAction::Drop as u32,
+                ServiceAction::Reset => common::DefaultAction::Reset as u32,
+            },
+            flags,
+        }
+    }
+
+    /// Replaces all CIDR rules. Refused whole if a rule names an unknown service or the same
+    /// network appears twice for a service with the same action.
+    pub fn set_cidr_rules(&mut self, rules: &[CidrRule]) -> Result<(), DataplaneError> {
+        let mut seen = BTreeSet::new();
+        let mut normalized = Vec::with_capacity(rules.len());
+        for r in rules {
+            if !self.services.contains_key(&r.service) {
+                return Err(DataplaneError::Invalid(format!(
+                    "CIDR rule {} for {} names unknown service {}",
+                    r.rule_id,
+                    r.net,
+                    r.service.get()
+                )));
+            }
+            let net = r.net.trunc();
+            if !seen.insert((r.service, net, r.action == CidrAction::Allow)) {
+                return Err(DataplaneError::Invalid(format!(
+                    "{net} appears twice for service {}",
+                    r.service.get()
+                )));
+            }
+            normalized.push(CidrRule { net, ..*r });
+        }
+        let limit = common::MAX_CIDR_RULES as usize;
+        for action in [CidrAction::Allow, CidrAction::Deny] {
+            let n = normalized.iter().filter(|r| r.action == action).count();
+            if n > limit {
+                return Err(DataplaneError::Invalid(format!(
+                    "{n} {action:?} rules exceed the limit of {limit}"
+                )));
+            }
+        }
+
+        let old = std::mem::replace(&mut self.cidr_rules, normalized);
+        // New entries first, then the service flags that make the kernel look at them, then the
+        // stale entries: no moment where a deny rule that stays is not consulted.
+        for r in &self.cidr_rules {
+            let (trie, name) = match r.action {
+                CidrAction::Allow => (&mut self.cidr_allow, common::maps::CIDR_ALLOW),
+                CidrAction::Deny => (&mut self.cidr_deny, common::maps::CIDR_DENY),
+            };
+            trie.insert(&cidr_key(r), common::CidrValue { rule_id: r.rule_id }, 0)
+                .map_err(map_err("inserting a CIDR rule", name))?;
+        }
+        for s in self.services.values() {
+            self.services_map
+                .insert(service_key(s), self.service_value(s), 0)
+                .map_err(map_err("updating service flags", common::maps::SERVICES))?;
+        }
+        let kept: BTreeSet<_> = self
+            .cidr_rules
+            .iter()
+            .map(|r| (r.service, r.net, r.action == CidrAction::Allow))
+            .collect();
+        for r in old {
+            if kept.contains(&(r.service, r.net, r.action == CidrAction::Allow)) {
+                continue;
+            }
+            let (trie, name) = match r.action {
+                CidrAction::Allow => (&mut self.cidr_allow, common::maps::CIDR_ALLOW),
+                CidrAction::Deny => (&mut self.cidr_deny, common::maps::CIDR_DENY),
+            };
+            match trie.remove(&cidr_key(&r)) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(map_err("removing a CIDR rule", name)(e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn check_session(&self, s: &Session) -> Result<(), DataplaneError> {
+        if !self.services.contains_key(&s.service) {
+            return Err(DataplaneError::Invalid(format!(
+                "session for {} names unknown service {}",
+                s.source,
+                s.service.get()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Inserts or replaces one session.
+    pub fn upsert_session(&mut self, s: &Session) -> Result<(), DataplaneError> {
+        self.check_session(s)?;
+        self.sessions_map
+            .insert(s.key(), s.value(), 0)
+            .map_err(map_err("inserting a session", common::maps::SESSIONS))
+    }
+
+    /// Inserts or replaces many sessions with batched system calls. Validated whole first; if the
+    /// kernel fails part-way (the map is full), the error says how many were written.
+    pub fn upsert_sessions(&mut self, sessions: &[Session]) -> Result<(), DataplaneError> {
+        for s in sessions {
+            self.check_session(s)?;
+        }
+        let keys: Vec<_> = sessions.iter().map(Session::key).collect();
+        let values: Vec<_> = sessions.iter().map(Session::value).collect();
+        let fd = self.sessions_map.map().fd().as_fd();
+        sys::map_update_batch(fd, &keys, &values).map_err(|(written, source)| {
+            DataplaneError::Batch {
+                op: "inserting sessions",
+                map: common::maps::SESSIONS,
+                written,
+                total: keys.len(),
+                source,
+            }
+        })
+    }
+
+    /// Removes one session; `Ok(false)` if there was none.
+    pub fn remove_session(
+        &mut self,
+        source: IpAddr,
+        service: ServiceId,
+    ) -> Result<bool, DataplaneError> {
+        match self.sessions_map.remove(&types::session_key(source, service)) {
+            Ok(()) => Ok(true),
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) => Err(map_err("removing a session", common::maps::SESSIONS)(e)),
+        }
+    }
+
+    /// Removes many sessions with batched system calls; missing ones are skipped. Returns how
+    /// many were removed.
+    pub fn remove_sessions(
+        &mut self,
+        keys: &[(IpAddr, ServiceId)],
+    ) -> Result<usize, DataplaneError> {
+        let keys: Vec<_> = keys.iter().map(|(a, s)| types::session_key(*a, *s)).collect();
+        let fd = self.sessions_map.map().fd().as_fd();
+        let mut removed = 0;
+        let mut rest = &keys[..];
+        while !rest.is_empty() {
+            match sys::map_delete_batch(fd, rest) {
+                Ok(()) => {
+                    removed += rest.len();
+                    break;
+                }
+                // The batch stops at a missing key: count what went, skip it, go on.
+                Err((done, e)) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    removed += done;
+                    rest = &rest[(done + 1).min(rest.len())..];
+                }
+                Err((done, source)) => {
+                    return Err(DataplaneError::Batch {
+                        op: "removing sessions",
+                        map: common::maps::SESSIONS,
+                        written: removed + done,
+                        total: keys.len(),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes every session of `source`, whatever the service. Returns how many were removed.
+    pub fn remove_source(&mut self, source: IpAddr) -> Result<usize, DataplaneError> {
+        let keys: Vec<_> = self.services.keys().map(|id| (source, *id)).collect();
+        self.remove_sessions(&keys)
+    }
+
+    /// All sessions in the map, expired ones included (the kernel refuses those by itself).
+    pub fn sessions(&self) -> Result<Vec<Session>, DataplaneError> {
+        let mut out = Vec::new();
+        for entry in self.sessions_map.iter() {
+            let (k, v) = entry.map_err(map_err("listing sessions", common::maps::SESSIONS))?;
+            if let Some(s) = Session::from_entry(&k, &v) {
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes sessions whose expiry has passed; returns them (for auditing).
+    pub fn remove_expired(&mut self) -> Result<Vec<Session>, DataplaneError> {
+        let now = Expiry::after(std::time::Duration::ZERO);
+        let expired: Vec<_> = self
+            .sessions()?
+            .into_iter()
+            .filter(|s| s.expires <= now)
+            .collect();
+        let keys: Vec<_> = expired.iter().map(|s| (s.source, s.service)).collect();
+        self.remove_sessions(&keys)?;
+        Ok(expired)
+    }
+
+    /// Capacity of the sessions map.
+    pub fn max_sessions(&self) -> u32 {
+        self.options.max_sessions
+    }
+
+    /// Counters per service (and for id 0, unattributed traffic), summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<ServiceCounters>, DataplaneError> {
+        let ids = std::iter::once(0).chain(self.services.keys().map(|id| id.get()));
+        let mut out = Vec::new();
+        for id in ids {
+            let read = |slot: u32| -> Result<Count, DataplaneError> {
+                let per_cpu = self
+                    .counters
+                    .get(&common::counter_index(id, slot), 0)
+                    .map_err(map_err("reading counters", common::maps::COUNTERS))?;
+                Ok(per_cpu.iter().fold(Count::default(), |acc, c| Count {
+                    packets: acc.packets + c.packets,
+                    bytes: acc.bytes + c.bytes,
+                }))
+            };
+            let mut by_reason = Vec::with_capacity(Reason::ALL.len());
+            for r in Reason::ALL {
+                by_reason.push((r, read(r as u32)?));
+            }
+            out.push(ServiceCounters {
+                service_id: id,
+                by_reason,
+                rst_sent: read(common::COUNTER_SLOT_RST_SENT)?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// How many events the kernel suppressed or lost, summed over CPUs.
+    pub fn event_stats(&self) -> Result<EventStats, DataplaneError> {
+        let per_cpu = self
+            .bucket
+            .get(&0, 0)
+            .map_err(map_err("reading event stats", common::maps::EVENT_BUCKET))?;
+        Ok(per_cpu.iter().fold(EventStats::default(), |acc, b| EventStats {
+            suppressed: acc.suppressed + b.suppressed,
+            ring_full: acc.ring_full + b.ring_full,
+        }))
+    }
+
+    /// Takes the event reader; there is one, so a second call fails.
+    pub fn take_events(&mut self) -> Result<EventReader, DataplaneError> {
+        self.events
+            .take()
+            .map(EventReader::new)
+            .ok_or_else(|| DataplaneError::Invalid("the event reader was already taken".into()))
+    }
+
+    /// The XDP program, loaded (for BPF_PROG_TEST_RUN and benchmarks).
+    pub fn xdp_program(&self) -> Result<&Xdp, DataplaneError> {
+        program(&self.ebpf, common::programs::XDP)
+    }
+
+    /// The TC program, loaded (for BPF_PROG_TEST_RUN and benchmarks).
+    pub fn tc_program(&self) -> Result<&SchedClassifier, DataplaneError> {
+        program(&self.ebpf, common::programs::TC)
+    }
+
+    /// An XDP program that passes everything: the benchmark floor.
+    pub fn floor_program(&self) -> Result<&Xdp, DataplaneError> {
+        program(&self.ebpf, common::programs::XDP_FLOOR)
+    }
+}
+
+fn service_key(s: &Service) -> common::ServiceKey {
+    common::ServiceKey {
+        port: s.port,
+        proto: s.protocol.number(),
+        pad: 0,
+    }
+}
+
+fn cidr_key(r: &CidrRule) -> Key<common::CidrData> {
+    let (addr, bits) = match r.net {
+        IpNet::V4(n) => (
+            addr_to_kernel(IpAddr::V4(n.network())),
+            common::CIDR_V4_MAPPED_BITS + u32::from(n.prefix_len()),
+        ),
+        IpNet::V6(n) => (addr_to_kernel(IpAddr::V6(n.network())), u32::from(n.prefix_len())),
+    };
+    Key::new(
+        common::CIDR_SERVICE_BITS + bits,
+        common::CidrData {
+            service_id_be: r.service.get().to_be_bytes(),
+            addr,
+        },
+    )
+}
+
+fn program<'a, T>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a T, DataplaneError>
+where
+    &'a T: TryFrom<&'a aya::programs::Program, Error = ProgramError>,
+{
+    let p = ebpf.program(name).ok_or_else(|| DataplaneError::Load {
+        what: format!("program {name}"),
+        source: "not in the eBPF object".into(),
+    })?;
+    p.try_into().map_err(|e: ProgramError| DataplaneError::Load {
+        what: format!("program {name}"),
+        source: Box::new(e),
+    })
+}
+
+fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DataplaneError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let p = ebpf.program_mut(name).ok_or_else(|| DataplaneError::Load {
+        what: format!("program {name}"),
+        source: "not in the eBPF object".into(),
+    })?;
+    p.try_into().map_err(|e: ProgramError| DataplaneError::Load {
+        what: format!("program {name}"),
+        source: Box::new(e),
+    })
+}
+
+/// Sends aya-log records from the programs to `tracing`, under the `idgate::ebpf` target.
+pub struct ForwardToTracing;
+
+impl log::Log for ForwardToTracing {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let msg = record.args();
+        match record.level() {
+            log::Level::Error => tracing::error!(target: "idgate::ebpf", "{msg}"),
+            log::Level::Warn => tracing::warn!(target: "idgate::ebpf", "{msg}"),
+            log::Level::Info => tracing::info!(target: "idgate::ebpf", "{msg}"),
+            log::Level::Debug => tracing::debug!(target: "idgate::ebpf", "{msg}"),
+            log::Level::Trace => tracing::trace!(target: "idgate::ebpf", "{msg}"),
+        }
+    }
+
+    fn flush(&self) {}
+}

@@ -1,0 +1,114 @@
+//! The few raw system calls aya 0.14 does not wrap: batched map updates and deletes, and the
+//! boot-time clock the kernel side uses for expiry. All unsafe code of the agent lives here.
+
+use std::{
+    io,
+    os::fd::{AsRawFd, BorrowedFd},
+    time::Duration,
+};
+
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// The `batch` member of `union bpf_attr` (include/uapi/linux/bpf.h). Shorter than the whole union,
+/// which the kernel accepts: it zero-fills the rest.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Inserts or replaces `keys[i] → values[i]` in one `BPF_MAP_UPDATE_BATCH` call (kernel ≥ 5.6).
+///
+/// Returns how many elements the kernel processed; on error, the elements before that count were
+/// written and the rest were not.
+pub fn map_update_batch<K, V>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), (usize, io::Error)> {
+    assert_eq!(keys.len(), values.len(), "one value per key");
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: u32::try_from(keys.len()).unwrap_or(u32::MAX),
+        map_fd: map.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    // SAFETY: `attr` points at `count` keys and values that stay borrowed for the call; the kernel
+    // reads them and writes back only `attr.count`.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &mut attr as *mut BatchAttr,
+            size_of::<BatchAttr>(),
+        )
+    };
+    if ret < 0 {
+        return Err((attr.count as usize, io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Deletes `keys` in one `BPF_MAP_DELETE_BATCH` call. Stops at the first missing key (ENOENT),
+/// reporting how many it deleted before it.
+pub fn map_delete_batch<K>(map: BorrowedFd<'_>, keys: &[K]) -> Result<(), (usize, io::Error)> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        count: u32::try_from(keys.len()).unwrap_or(u32::MAX),
+        map_fd: map.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    // SAFETY: as in `map_update_batch`; the kernel only reads the keys.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_DELETE_BATCH,
+            &mut attr as *mut BatchAttr,
+            size_of::<BatchAttr>(),
+        )
+    };
+    if ret < 0 {
+        return Err((attr.count as usize, io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// `CLOCK_BOOTTIME` now: the clock of `bpf_ktime_get_boot_ns`, which keeps counting while the
+/// machine is suspended, so a session cannot outlive its token across a suspend.
+pub fn boottime_now() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_BOOTTIME exists on every supported kernel.
+    let ret = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    assert_eq!(ret, 0, "clock_gettime(CLOCK_BOOTTIME) cannot fail");
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Registers an fd-owning object with tokio's reactor, for readability.
+pub fn register_readable<T: std::os::fd::AsRawFd>(
+    inner: T,
+) -> io::Result<tokio::io::unix::AsyncFd<T>> {
+    // SAFETY: `inner` owns its fd and the AsyncFd owns `inner`, so the fd stays open for as long
+    // as it is registered and is deregistered before it is closed (AsyncFd's Drop runs first).
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE)
+    }
+    .map_err(io::Error::from)
+}

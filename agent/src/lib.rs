@@ -1,0 +1,7 @@
+//! idgate: an identity-aware host firewall. Tokens from the organisation's IdP become sessions
+//! that XDP/TC programs enforce per packet.
+//!
+//! The library holds the domain modules; `main.rs` is a thin command line over them.
+#![deny(unsafe_code)]
+
+pub mod dataplane;
