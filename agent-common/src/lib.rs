@@ -12,7 +12,9 @@ pub const MAP_LAYOUT_VERSION: u32 = 1;
 
 /// Map names, as they appear in the eBPF object.
 pub mod maps {
-    /// (protocol, port) → [`super::ServiceValue`].
+    /// Array indexed by [`super::port_index`] (protocol, port) → service id (0: not protected).
+    pub const PORTS: &str = "IDGATE_PORTS";
+    /// Array indexed by service id → [`super::ServiceValue`].
     pub const SERVICES: &str = "IDGATE_SERVICES";
     /// [`super::SessionKey`] → [`super::SessionValue`].
     pub const SESSIONS: &str = "IDGATE_SESSIONS";
@@ -59,16 +61,19 @@ pub const IPPROTO_TCP: u8 = 6;
 /// IP protocol number of UDP.
 pub const IPPROTO_UDP: u8 = 17;
 
-/// Key of the services map. The port is in host byte order.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct ServiceKey {
-    /// Destination port, host byte order.
-    pub port: u16,
-    /// [`IPPROTO_TCP`] or [`IPPROTO_UDP`].
-    pub proto: u8,
-    /// Always zero.
-    pub pad: u8,
+/// Entries of the ports array: one per (protocol, port) for TCP and UDP.
+pub const PORT_ENTRIES: u32 = 2 * 65_536;
+
+/// Index of (protocol, port) in the ports array; `None` for protocols idgate never protects.
+///
+/// An array indexed by port rather than a hash keyed by it: the lookup on every TCP/UDP packet is
+/// then a bounds check and a load, inlined by the verifier, with no hashing and no helper call.
+pub const fn port_index(proto: u8, port: u16) -> Option<u32> {
+    match proto {
+        IPPROTO_TCP => Some(port as u32),
+        IPPROTO_UDP => Some(65_536 + port as u32),
+        _ => None,
+    }
 }
 
 /// What happens to traffic for a protected service that no rule or session lets through.
@@ -86,7 +91,7 @@ pub const SERVICE_HAS_DENY: u32 = 1 << 0;
 /// Service flag: the CIDR allow trie holds entries for this service.
 pub const SERVICE_HAS_ALLOW: u32 = 1 << 1;
 
-/// Value of the services map.
+/// Value of the services array (indexed by service id).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct ServiceValue {
@@ -365,8 +370,6 @@ mod user {
 
     // SAFETY: each type is repr(C), Copy, made only of integers and byte arrays, with no padding
     // (checked by the layout tests below), so any bit pattern is a valid value.
-    unsafe impl aya::Pod for ServiceKey {}
-    // SAFETY: as above.
     unsafe impl aya::Pod for ServiceValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SessionKey {}
@@ -399,7 +402,6 @@ mod tests {
     // bytes are uninitialised garbage as map keys.
     #[test]
     fn layouts_have_no_padding() {
-        assert_eq!(size_of::<ServiceKey>(), 4);
         assert_eq!(size_of::<ServiceValue>(), 12);
         assert_eq!(size_of::<SessionKey>(), 20);
         assert_eq!(size_of::<SessionValue>(), 16);
@@ -423,6 +425,15 @@ mod tests {
         assert_eq!(Reason::from_u32(COUNTER_SLOT_RST_SENT), None);
         assert!(Reason::AllowSession.allows() && Reason::AllowCidr.allows());
         assert!(!Reason::NoSession.allows() && !Reason::Malformed.allows());
+    }
+
+    #[test]
+    fn port_index_covers_tcp_and_udp_apart() {
+        assert_eq!(port_index(IPPROTO_TCP, 0), Some(0));
+        assert_eq!(port_index(IPPROTO_TCP, 8000), Some(8000));
+        assert_eq!(port_index(IPPROTO_UDP, 8000), Some(65_536 + 8000));
+        assert_eq!(port_index(IPPROTO_UDP, u16::MAX), Some(PORT_ENTRIES - 1));
+        assert_eq!(port_index(1, 8000), None);
     }
 
     #[test]

@@ -5,14 +5,16 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use idgate_common::{
-    CidrData, CidrValue, Counter, EventBucket, FragKey, FragValue, GlobalConfig, ServiceKey,
-    ServiceValue, SessionKey, SessionValue, COUNTER_ENTRIES, DEFAULT_MAX_SESSIONS,
-    EVENTS_RING_BYTES, MAX_CIDR_RULES, MAX_SERVICES, MAX_TRACKED_FRAGMENTS,
+    COUNTER_ENTRIES, CidrData, CidrValue, Counter, DEFAULT_MAX_SESSIONS, EVENTS_RING_BYTES,
+    EventBucket, FragKey, FragValue, GlobalConfig, MAX_CIDR_RULES, MAX_SERVICES,
+    MAX_TRACKED_FRAGMENTS, PORT_ENTRIES, ServiceValue, SessionKey, SessionValue,
 };
 
+#[map(name = "IDGATE_PORTS")]
+pub static PORTS: Array<u32> = Array::with_max_entries(PORT_ENTRIES, 0);
+
 #[map(name = "IDGATE_SERVICES")]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::with_max_entries(MAX_SERVICES, 0);
+pub static SERVICES: Array<ServiceValue> = Array::with_max_entries(MAX_SERVICES, 0);
 
 // Preallocated: lookups and updates never allocate, and the cost of a lookup stays flat as the
 // table fills. The agent sets the capacity at load time.

@@ -2,7 +2,7 @@
 //! shared by both attach points: the attach point then trims the packet to the returned length and
 //! sends it back out of the interface it came in on.
 
-use crate::parse::{header, Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+use crate::parse::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, header};
 
 /// Rewrites the packet into a RST answering `flow`; returns the new packet length.
 ///

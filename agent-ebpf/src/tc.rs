@@ -9,9 +9,9 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 
 use crate::{
-    parse::{parse, Flow, Packet, Parsed, L4},
+    parse::{Flow, L4, Packet, Parsed, parse},
     reset,
-    verdict::{count_rst, judge, Action, Meta},
+    verdict::{Action, Meta, count_rst, judge},
 };
 
 /// Bytes made linear when the headers straddle the skb's linear area: room for two VLAN tags,
@@ -37,7 +37,12 @@ impl Packet for TcPacket<'_> {
         // SAFETY: the helper writes at most N bytes into `buf`, from linear or paged data, and
         // checks `off` itself.
         let ret = unsafe {
-            bpf_skb_load_bytes(self.0.skb.skb.cast(), off as u32, buf.as_mut_ptr().cast(), N as u32)
+            bpf_skb_load_bytes(
+                self.0.skb.skb.cast(),
+                off as u32,
+                buf.as_mut_ptr().cast(),
+                N as u32,
+            )
         };
         (ret == 0).then_some(buf)
     }
@@ -47,14 +52,20 @@ impl Packet for TcPacket<'_> {
 pub fn idgate_tc(ctx: TcContext) -> i32 {
     let skb_len = ctx.len();
     let mut flow = Flow::new();
-    let mut parsed = parse(&TcPacket(&ctx), &mut flow);
+    // Opaque to LLVM, as in the XDP program: the flow stays one struct in memory.
+    let flow = core::hint::black_box(&mut flow);
+    let mut parsed = parse(&TcPacket(&ctx), flow);
     let incomplete = parsed == Parsed::BadL3 || (parsed == Parsed::Ip && flow.l4 == L4::Malformed);
     if incomplete && ((ctx.data_end() - ctx.data()) as u32) < skb_len {
         // Headers may be in paged data (GRO, some drivers): make them linear and look again.
-        let want = if skb_len < PULL_LEN { skb_len } else { PULL_LEN };
+        let want = if skb_len < PULL_LEN {
+            skb_len
+        } else {
+            PULL_LEN
+        };
         if ctx.pull_data(want).is_ok() {
-            flow = Flow::new();
-            parsed = parse(&TcPacket(&ctx), &mut flow);
+            *flow = Flow::new();
+            parsed = parse(&TcPacket(&ctx), flow);
         }
     }
     // SAFETY: `ctx.skb.skb` is this program's context, valid for the whole run.
@@ -63,18 +74,21 @@ pub fn idgate_tc(ctx: TcContext) -> i32 {
         len: skb_len,
         ifindex,
     };
-    let verdict = judge(parsed, &mut flow, &meta);
+    let verdict = judge(parsed, flow, &meta);
     match verdict.action {
         // TC_ACT_UNSPEC is TCX_NEXT: let later programs on the interface have their say.
         Action::Pass => TC_ACT_UNSPEC,
         Action::Drop => TC_ACT_SHOT,
         Action::Reset => {
-            let Some(new_len) = reset::build(ctx.data(), ctx.data_end(), &flow) else {
+            let Some(new_len) = reset::build(ctx.data(), ctx.data_end(), flow) else {
                 return TC_ACT_SHOT;
             };
             // SAFETY: `ctx.skb.skb` is this program's context; shrinking the tail is always valid.
             if unsafe { bpf_skb_change_tail(ctx.skb.skb, new_len as u32, 0) } != 0 {
-                warn!(&ctx, "idgate: could not trim a RST to {} bytes; dropped", new_len);
+                warn!(
+                    &ctx,
+                    "idgate: could not trim a RST to {} bytes; dropped", new_len
+                );
                 return TC_ACT_SHOT;
             }
             count_rst(verdict.service_id, new_len as u32);

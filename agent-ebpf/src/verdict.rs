@@ -7,20 +7,20 @@
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns;
 use idgate_common::{
-    counter_index, protects_bit, CidrData, DefaultAction, Event, FragKey, FragValue, GlobalConfig,
-    Reason, ServiceKey, ServiceValue, SessionKey, ACTION_DROP, ACTION_PASS, ACTION_RESET,
-    CIDR_SERVICE_BITS, COUNTER_SLOT_RST_SENT, EVENT_DENIED, EVENT_NEW_CONNECTION,
-    MAX_EVENTS_PER_SEC, MAX_EVENT_BURST, SERVICE_HAS_ALLOW, SERVICE_HAS_DENY, TOKEN_SCALE,
+    ACTION_DROP, ACTION_PASS, ACTION_RESET, CIDR_SERVICE_BITS, COUNTER_SLOT_RST_SENT, CidrData,
+    DefaultAction, EVENT_DENIED, EVENT_NEW_CONNECTION, Event, FragKey, FragValue, GlobalConfig,
+    MAX_EVENT_BURST, MAX_EVENTS_PER_SEC, Reason, SERVICE_HAS_ALLOW, SERVICE_HAS_DENY, ServiceValue,
+    SessionKey, TOKEN_SCALE, counter_index, port_index, protects_bit,
 };
 
 use aya_ebpf::maps::lpm_trie::Key;
 
 use crate::{
     maps::{
-        CIDR_ALLOW, CIDR_DENY, CONFIG, COUNTERS, EVENTS, EVENT_BUCKET, FRAGMENTS, SERVICES,
+        CIDR_ALLOW, CIDR_DENY, CONFIG, COUNTERS, EVENT_BUCKET, EVENTS, FRAGMENTS, PORTS, SERVICES,
         SESSIONS,
     },
-    parse::{Flow, Frag, Parsed, L4, TCP_RST},
+    parse::{Flow, Frag, L4, Parsed, TCP_RST},
 };
 
 /// What the attach point must do with the packet.
@@ -140,23 +140,34 @@ fn cidr_key(service_id: u32, addr: &[u8; 16]) -> Key<CidrData> {
 
 #[inline(always)]
 fn judge_service(flow: &Flow, meta: &Meta) -> Verdict {
-    let key = ServiceKey {
-        port: flow.dport,
-        proto: flow.proto,
-        pad: 0,
-    };
-    let Some(svc) = SERVICES.get_ptr(&key) else {
+    let Some(index) = port_index(flow.proto, flow.dport) else {
         return PASS;
     };
-    // SAFETY: a value pointer from a successful lookup.
-    let svc: ServiceValue = unsafe { *svc };
-    let id = svc.service_id;
+    let id = match PORTS.get(index) {
+        Some(&id) if id != 0 => id,
+        _ => return PASS,
+    };
+    // A port naming a service with no entry (impossible when the agent writes the service first)
+    // gets a zeroed value: action drop, no CIDR rules. Fail closed.
+    let svc: ServiceValue = match SERVICES.get(id) {
+        Some(v) => *v,
+        None => ServiceValue::default(),
+    };
 
     if svc.flags & SERVICE_HAS_DENY != 0 {
         if let Some(hit) = CIDR_DENY.get(cidr_key(id, &flow.src)) {
             let rule = hit.rule_id;
             count(id, Reason::DeniedCidr as u32, meta.len);
-            report(EVENT_DENIED, Reason::DeniedCidr, ACTION_DROP, id, 0, rule, flow, meta);
+            report(
+                EVENT_DENIED,
+                Reason::DeniedCidr,
+                ACTION_DROP,
+                id,
+                0,
+                rule,
+                flow,
+                meta,
+            );
             return Verdict {
                 action: Action::Drop,
                 service_id: id,
@@ -179,7 +190,14 @@ fn judge_service(flow: &Flow, meta: &Meta) -> Verdict {
             // SAFETY: a value pointer from a successful lookup.
             let s = unsafe { *s };
             if now_ns() < s.expires_ns {
-                return allow(Reason::AllowSession, id, s.identity_id, s.rule_id, flow, meta);
+                return allow(
+                    Reason::AllowSession,
+                    id,
+                    s.identity_id,
+                    s.rule_id,
+                    flow,
+                    meta,
+                );
             }
             (Reason::Expired, s.identity_id, s.rule_id)
         }
@@ -196,7 +214,16 @@ fn judge_service(flow: &Flow, meta: &Meta) -> Verdict {
     } else {
         (Action::Drop, ACTION_DROP)
     };
-    report(EVENT_DENIED, reason, event_action, id, identity, rule, flow, meta);
+    report(
+        EVENT_DENIED,
+        reason,
+        event_action,
+        id,
+        identity,
+        rule,
+        flow,
+        meta,
+    );
     Verdict {
         action,
         service_id: id,
@@ -207,7 +234,16 @@ fn judge_service(flow: &Flow, meta: &Meta) -> Verdict {
 fn allow(reason: Reason, id: u32, identity: u32, rule: u32, flow: &Flow, meta: &Meta) -> Verdict {
     count(id, reason as u32, meta.len);
     if flow.is_syn() {
-        report(EVENT_NEW_CONNECTION, reason, ACTION_PASS, id, identity, rule, flow, meta);
+        report(
+            EVENT_NEW_CONNECTION,
+            reason,
+            ACTION_PASS,
+            id,
+            identity,
+            rule,
+            flow,
+            meta,
+        );
     }
     Verdict {
         action: Action::Pass,
@@ -245,7 +281,10 @@ fn count(service_id: u32, slot: u32, len: u32) {
 
 /// Emits an event if the per-CPU token bucket allows it; counts the ones it does not.
 #[inline(always)]
-#[expect(clippy::too_many_arguments, reason = "all fields of one event, inlined")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "all fields of one event, inlined"
+)]
 fn report(
     kind: u32,
     reason: Reason,

@@ -9,9 +9,9 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 
 use crate::{
-    parse::{parse, Flow, Packet},
+    parse::{Flow, Packet, parse},
     reset,
-    verdict::{count_rst, judge, Action, Meta},
+    verdict::{Action, Meta, count_rst, judge},
 };
 
 struct XdpPacket<'a>(&'a XdpContext);
@@ -47,19 +47,25 @@ pub fn idgate_xdp(ctx: XdpContext) -> u32 {
         ifindex: ctx.ingress_ifindex() as u32,
     };
     let mut flow = Flow::new();
-    let parsed = parse(&XdpPacket(&ctx), &mut flow);
-    let verdict = judge(parsed, &mut flow, &meta);
+    // Opaque to LLVM: the flow then stays one struct in memory instead of being split into
+    // dozens of values that the 10 BPF registers can only hold by spilling them on every branch.
+    let flow = core::hint::black_box(&mut flow);
+    let parsed = parse(&XdpPacket(&ctx), flow);
+    let verdict = judge(parsed, flow, &meta);
     match verdict.action {
         Action::Pass => xdp_action::XDP_PASS,
         Action::Drop => xdp_action::XDP_DROP,
         Action::Reset => {
-            let Some(new_len) = reset::build(start, end, &flow) else {
+            let Some(new_len) = reset::build(start, end, flow) else {
                 return xdp_action::XDP_DROP;
             };
             let delta = new_len as i32 - meta.len as i32;
             // SAFETY: `ctx.ctx` is this program's context; shrinking needs no further checks.
             if unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
-                warn!(&ctx, "idgate: could not trim a RST to {} bytes; dropped", new_len);
+                warn!(
+                    &ctx,
+                    "idgate: could not trim a RST to {} bytes; dropped", new_len
+                );
                 return xdp_action::XDP_DROP;
             }
             count_rst(verdict.service_id, new_len as u32);

@@ -1,1 +1,201 @@
-fn main() {}
+//! `cargo xtask`: set up the machine, build, test, benchmark and demonstrate idgate.
+
+mod setup;
+
+use std::{
+    env,
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "idgate's developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build and tests need (idempotent; quick when already done).
+    Setup,
+    /// Build the agent, with its eBPF programs, in release mode.
+    Build,
+    /// Run every test: unit tests, eBPF verdict tests and the privileged end-to-end suites.
+    Test {
+        /// Arguments passed on to `cargo test` (e.g. a test name filter after `--`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Show idgate enforcing a protected port in network namespaces.
+    Demo,
+    /// Run a benchmark and print its table.
+    Bench {
+        #[command(subcommand)]
+        which: Bench,
+    },
+    /// rustfmt check, and clippy on the userspace crates and on the eBPF crate separately.
+    Lint,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// ns/packet through BPF_PROG_TEST_RUN: floor, allowed, denied and unprotected paths.
+    Verdict {
+        /// Fewer sizes and repetitions: checks the harness runs, measures little.
+        #[arg(long)]
+        smoke: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root()?;
+    env::set_current_dir(&root).with_context(|| format!("entering {}", root.display()))?;
+    put_cargo_bin_on_path();
+    match cli.task {
+        Task::Setup => setup::run(&root),
+        Task::Build => {
+            setup::run(&root)?;
+            cargo(&["build", "--release", "-p", "idgate"])
+        }
+        Task::Test { args } => {
+            setup::run(&root)?;
+            require_root("the eBPF and end-to-end suites load programs and create namespaces")?;
+            let mut cmd = vec!["test", "--workspace", "--exclude", "idgate-ebpf"];
+            cmd.extend(args.iter().map(String::as_str));
+            cargo(&cmd)
+        }
+        Task::Demo => {
+            setup::run(&root)?;
+            require_root("the demo attaches XDP programs and creates network namespaces")?;
+            cargo(&[
+                "run",
+                "--release",
+                "-p",
+                "idgate-tests",
+                "--bin",
+                "idgate-demo",
+            ])
+        }
+        Task::Bench { which } => {
+            setup::run(&root)?;
+            require_root("benchmarks load BPF programs")?;
+            match which {
+                Bench::Verdict { smoke } => {
+                    let mut cmd = vec![
+                        "run",
+                        "--release",
+                        "-p",
+                        "idgate-tests",
+                        "--bin",
+                        "bench-verdict",
+                    ];
+                    if smoke {
+                        cmd.extend(["--", "--smoke"]);
+                    }
+                    cargo(&cmd)
+                }
+            }
+        }
+        Task::Lint => {
+            cargo(&["fmt", "--all", "--check"])?;
+            cargo(&[
+                "clippy",
+                "--workspace",
+                "--exclude",
+                "idgate-ebpf",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ])?;
+            run(Command::new("cargo")
+                .current_dir(root.join("agent-ebpf"))
+                .args([
+                    "+nightly",
+                    "clippy",
+                    "-Z",
+                    "build-std=core",
+                    "--target",
+                    "bpfel-unknown-none",
+                    "--",
+                    "-D",
+                    "warnings",
+                ])
+                .env_remove("RUSTUP_TOOLCHAIN")
+                .env_remove("RUSTC")
+                .env(
+                    "CARGO_ENCODED_RUSTFLAGS",
+                    "--cfg=bpf_target_arch=\"x86_64\"",
+                ))
+        }
+    }
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let manifest = env::var_os("CARGO_MANIFEST_DIR").context("run this through `cargo xtask`")?;
+    Path::new(&manifest)
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask has no parent directory")
+}
+
+/// `cargo install` puts bpf-linker in `$CARGO_HOME/bin`, which a fresh root shell (CI) may not
+/// have on PATH.
+fn put_cargo_bin_on_path() {
+    let cargo_home = env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+    let Some(bin) = cargo_home.map(|h| h.join("bin")) else {
+        return;
+    };
+    let path = env::var_os("PATH").unwrap_or_default();
+    if env::split_paths(&path).any(|p| p == bin) {
+        return;
+    }
+    let mut paths = vec![bin];
+    paths.extend(env::split_paths(&path));
+    if let Ok(joined) = env::join_paths(paths) {
+        set_path(joined);
+    }
+}
+
+#[expect(
+    unsafe_code,
+    reason = "set_var is unsafe in edition 2024; xtask is single-threaded here"
+)]
+fn set_path(value: OsString) {
+    // SAFETY: called at start-up, before xtask starts any thread.
+    unsafe { env::set_var("PATH", value) };
+}
+
+fn require_root(why: &str) -> Result<()> {
+    let out = Command::new("id")
+        .arg("-u")
+        .output()
+        .context("running id -u")?;
+    if String::from_utf8_lossy(&out.stdout).trim() != "0" {
+        bail!("run as root: {why}");
+    }
+    Ok(())
+}
+
+/// Runs cargo with the eBPF build required (no silent stub object).
+fn cargo(args: &[&str]) -> Result<()> {
+    run(Command::new("cargo")
+        .args(args)
+        .env("IDGATE_REQUIRE_EBPF", "1"))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}

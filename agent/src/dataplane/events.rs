@@ -198,7 +198,14 @@ mod tests {
     fn raw_bytes(e: &common::Event) -> Vec<u8> {
         let mut v = Vec::new();
         v.extend_from_slice(&e.ts_ns.to_ne_bytes());
-        for x in [e.kind, e.reason, e.action, e.service_id, e.identity_id, e.rule_id] {
+        for x in [
+            e.kind,
+            e.reason,
+            e.action,
+            e.service_id,
+            e.identity_id,
+            e.rule_id,
+        ] {
             v.extend_from_slice(&x.to_ne_bytes());
         }
         v.extend_from_slice(&e.src);
@@ -226,7 +233,10 @@ mod tests {
             identity_id: 77,
             rule_id: 5,
             src,
-            dst: "2001:db8::1".parse::<std::net::Ipv6Addr>().unwrap().octets(),
+            dst: "2001:db8::1"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
             sport: 40000,
             dport: 8000,
             proto: 6,

@@ -5,7 +5,10 @@
 //! validates its whole input before touching a map, so bad input changes nothing.
 
 mod events;
-#[expect(unsafe_code, reason = "raw bpf(2) batch commands and clock_gettime; SAFETY notes inside")]
+#[expect(
+    unsafe_code,
+    reason = "raw bpf(2) batch commands and clock_gettime; SAFETY notes inside"
+)]
 mod sys;
 mod types;
 
@@ -18,8 +21,14 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, IterableMap, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::{Key, LpmTrie}},
-    programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId, xdp::XdpLinkId},
+    maps::{
+        Array, HashMap, IterableMap, MapData, MapError, PerCpuArray, RingBuf,
+        lpm_trie::{Key, LpmTrie},
+    },
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId,
+        xdp::XdpLinkId,
+    },
 };
 use idgate_common::{self as common, Reason};
 use ipnet::IpNet;
@@ -184,7 +193,8 @@ impl Default for LoadOptions {
 /// The loaded programs and their maps.
 pub struct Dataplane {
     ebpf: Ebpf,
-    services_map: HashMap<MapData, common::ServiceKey, common::ServiceValue>,
+    ports: Array<MapData, u32>,
+    service_values: Array<MapData, common::ServiceValue>,
     sessions_map: HashMap<MapData, common::SessionKey, common::SessionValue>,
     cidr_deny: LpmTrie<MapData, common::CidrData, common::CidrValue>,
     cidr_allow: LpmTrie<MapData, common::CidrData, common::CidrValue>,
@@ -231,7 +241,9 @@ impl Dataplane {
             return Err(DataplaneError::NoObject);
         }
         if options.max_sessions == 0 {
-            return Err(DataplaneError::Invalid("max_sessions must be at least 1".into()));
+            return Err(DataplaneError::Invalid(
+                "max_sessions must be at least 1".into(),
+            ));
         }
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(common::maps::SESSIONS, options.max_sessions)
@@ -261,7 +273,8 @@ impl Dataplane {
         })?;
 
         let mut dp = Dataplane {
-            services_map: take(&mut ebpf, common::maps::SERVICES)?,
+            ports: take(&mut ebpf, common::maps::PORTS)?,
+            service_values: take(&mut ebpf, common::maps::SERVICES)?,
             sessions_map: take(&mut ebpf, common::maps::SESSIONS)?,
             cidr_deny: take(&mut ebpf, common::maps::CIDR_DENY)?,
             cidr_allow: take(&mut ebpf, common::maps::CIDR_ALLOW)?,
@@ -286,9 +299,9 @@ impl Dataplane {
             return Ok(());
         };
         let mut fd = sys::register_readable(logger).map_err(|e| DataplaneError::Io {
-                op: "registering the eBPF log ring with tokio".into(),
-                source: e,
-            })?;
+            op: "registering the eBPF log ring with tokio".into(),
+            source: e,
+        })?;
         tokio::spawn(async move {
             loop {
                 let Ok(mut guard) = fd.readable_mut().await else {
@@ -339,7 +352,9 @@ impl Dataplane {
         let (attached, link) = match mode {
             AttachMode::Tc => {
                 let prog: &mut SchedClassifier = program_mut(&mut self.ebpf, common::programs::TC)?;
-                let id = prog.attach(iface, TcAttachType::Ingress).map_err(attach_err)?;
+                let id = prog
+                    .attach(iface, TcAttachType::Ingress)
+                    .map_err(attach_err)?;
                 (Attached::Tc, Link::Tc(id))
             }
             AttachMode::XdpGeneric => {
@@ -396,7 +411,10 @@ impl Dataplane {
 
     /// Interfaces with a program attached, and how.
     pub fn attachments(&self) -> Vec<(String, Attached)> {
-        self.links.iter().map(|(i, (a, _))| (i.clone(), *a)).collect()
+        self.links
+            .iter()
+            .map(|(i, (a, _))| (i.clone(), *a))
+            .collect()
     }
 
     /// Replaces the set of protected services. Refused whole if two services share an id or a
@@ -418,7 +436,11 @@ impl Dataplane {
                 )));
             }
         }
-        if let Some(r) = self.cidr_rules.iter().find(|r| !by_id.contains_key(&r.service)) {
+        if let Some(r) = self
+            .cidr_rules
+            .iter()
+            .find(|r| !by_id.contains_key(&r.service))
+        {
             return Err(DataplaneError::Invalid(format!(
                 "CIDR rule {} for {} names service {}, which would no longer exist; \
                  change the CIDR rules first",
@@ -428,23 +450,27 @@ impl Dataplane {
             )));
         }
         let old = std::mem::replace(&mut self.services, by_id);
-        // Insert or update first, then remove: a port that stays protected never opens.
+        // Values first, then the ports that point at them; clear stale ports before their values.
+        // A port that stays protected never opens, and no port points at a missing value.
         for s in self.services.values() {
-            let key = service_key(s);
-            let value = self.service_value(s);
-            self.services_map
-                .insert(key, value, 0)
-                .map_err(map_err("inserting a service", common::maps::SERVICES))?;
+            self.service_values
+                .set(s.id.get(), self.service_value(s), 0)
+                .map_err(map_err("writing a service", common::maps::SERVICES))?;
+            self.ports
+                .set(port_index(s), s.id.get(), 0)
+                .map_err(map_err("protecting a port", common::maps::PORTS))?;
         }
-        let kept: BTreeSet<_> = self.services.values().map(service_key).collect();
+        let kept: BTreeSet<u32> = self.services.values().map(port_index).collect();
         for s in old.values() {
-            let key = service_key(s);
-            if !kept.contains(&key) {
-                match self.services_map.remove(&key) {
-                    Ok(()) => {}
-                    Err(e) if is_not_found(&e) => {}
-                    Err(e) => return Err(map_err("removing a service", common::maps::SERVICES)(e)),
-                }
+            if !kept.contains(&port_index(s)) {
+                self.ports
+                    .set(port_index(s), 0, 0)
+                    .map_err(map_err("unprotecting a port", common::maps::PORTS))?;
+            }
+            if !self.services.contains_key(&s.id) {
+                self.service_values
+                    .set(s.id.get(), common::ServiceValue::default(), 0)
+                    .map_err(map_err("clearing a service", common::maps::SERVICES))?;
             }
         }
         self.write_config()
@@ -518,8 +544,8 @@ impl Dataplane {
                 .map_err(map_err("inserting a CIDR rule", name))?;
         }
         for s in self.services.values() {
-            self.services_map
-                .insert(service_key(s), self.service_value(s), 0)
+            self.service_values
+                .set(s.id.get(), self.service_value(s), 0)
                 .map_err(map_err("updating service flags", common::maps::SERVICES))?;
         }
         let kept: BTreeSet<_> = self
@@ -589,7 +615,10 @@ impl Dataplane {
         source: IpAddr,
         service: ServiceId,
     ) -> Result<bool, DataplaneError> {
-        match self.sessions_map.remove(&types::session_key(source, service)) {
+        match self
+            .sessions_map
+            .remove(&types::session_key(source, service))
+        {
             Ok(()) => Ok(true),
             Err(e) if is_not_found(&e) => Ok(false),
             Err(e) => Err(map_err("removing a session", common::maps::SESSIONS)(e)),
@@ -602,7 +631,10 @@ impl Dataplane {
         &mut self,
         keys: &[(IpAddr, ServiceId)],
     ) -> Result<usize, DataplaneError> {
-        let keys: Vec<_> = keys.iter().map(|(a, s)| types::session_key(*a, *s)).collect();
+        let keys: Vec<_> = keys
+            .iter()
+            .map(|(a, s)| types::session_key(*a, *s))
+            .collect();
         let fd = self.sessions_map.map().fd().as_fd();
         let mut removed = 0;
         let mut rest = &keys[..];
@@ -701,10 +733,12 @@ impl Dataplane {
             .bucket
             .get(&0, 0)
             .map_err(map_err("reading event stats", common::maps::EVENT_BUCKET))?;
-        Ok(per_cpu.iter().fold(EventStats::default(), |acc, b| EventStats {
-            suppressed: acc.suppressed + b.suppressed,
-            ring_full: acc.ring_full + b.ring_full,
-        }))
+        Ok(per_cpu
+            .iter()
+            .fold(EventStats::default(), |acc, b| EventStats {
+                suppressed: acc.suppressed + b.suppressed,
+                ring_full: acc.ring_full + b.ring_full,
+            }))
     }
 
     /// Takes the event reader; there is one, so a second call fails.
@@ -731,12 +765,8 @@ impl Dataplane {
     }
 }
 
-fn service_key(s: &Service) -> common::ServiceKey {
-    common::ServiceKey {
-        port: s.port,
-        proto: s.protocol.number(),
-        pad: 0,
-    }
+fn port_index(s: &Service) -> u32 {
+    common::port_index(s.protocol.number(), s.port).expect("TCP and UDP always have a port index")
 }
 
 fn cidr_key(r: &CidrRule) -> Key<common::CidrData> {
@@ -745,7 +775,10 @@ fn cidr_key(r: &CidrRule) -> Key<common::CidrData> {
             addr_to_kernel(IpAddr::V4(n.network())),
             common::CIDR_V4_MAPPED_BITS + u32::from(n.prefix_len()),
         ),
-        IpNet::V6(n) => (addr_to_kernel(IpAddr::V6(n.network())), u32::from(n.prefix_len())),
+        IpNet::V6(n) => (
+            addr_to_kernel(IpAddr::V6(n.network())),
+            u32::from(n.prefix_len()),
+        ),
     };
     Key::new(
         common::CIDR_SERVICE_BITS + bits,
@@ -764,10 +797,11 @@ where
         what: format!("program {name}"),
         source: "not in the eBPF object".into(),
     })?;
-    p.try_into().map_err(|e: ProgramError| DataplaneError::Load {
-        what: format!("program {name}"),
-        source: Box::new(e),
-    })
+    p.try_into()
+        .map_err(|e: ProgramError| DataplaneError::Load {
+            what: format!("program {name}"),
+            source: Box::new(e),
+        })
 }
 
 fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DataplaneError>
@@ -778,10 +812,11 @@ where
         what: format!("program {name}"),
         source: "not in the eBPF object".into(),
     })?;
-    p.try_into().map_err(|e: ProgramError| DataplaneError::Load {
-        what: format!("program {name}"),
-        source: Box::new(e),
-    })
+    p.try_into()
+        .map_err(|e: ProgramError| DataplaneError::Load {
+            what: format!("program {name}"),
+            source: Box::new(e),
+        })
 }
 
 /// Sends aya-log records from the programs to `tracing`, under the `idgate::ebpf` target.

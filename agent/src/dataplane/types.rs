@@ -64,7 +64,9 @@ impl FromStr for ServiceAction {
         match s {
             "drop" => Ok(ServiceAction::Drop),
             "reset" => Ok(ServiceAction::Reset),
-            other => Err(format!("unknown action {other:?}: expected \"drop\" or \"reset\"")),
+            other => Err(format!(
+                "unknown action {other:?}: expected \"drop\" or \"reset\""
+            )),
         }
     }
 }
