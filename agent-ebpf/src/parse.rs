@@ -57,8 +57,11 @@ pub enum L4 {
 /// `memset`; the attach points keep it in memory (see [`Flow::new_in_memory`]).
 #[repr(C, align(8))]
 pub struct Flow {
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
+    /// Source address as two native words holding the network-order bytes (IPv4 mapped into
+    /// IPv6): two values for LLVM to carry instead of sixteen.
+    pub src: [u64; 2],
+    /// Destination address, same form.
+    pub dst: [u64; 2],
     pub l3_off: usize,
     pub seq: u32,
     pub ack: u32,
@@ -78,8 +81,8 @@ impl Flow {
     #[inline(always)]
     pub const fn new() -> Self {
         Flow {
-            src: [0; 16],
-            dst: [0; 16],
+            src: [0; 2],
+            dst: [0; 2],
             l3_off: 0,
             seq: 0,
             ack: 0,
@@ -126,6 +129,43 @@ pub fn header<T>(start: usize, end: usize, off: usize) -> Option<*mut T> {
         return None;
     }
     Some(p as *mut T)
+}
+
+/// An IPv4 address as `::ffff:a.b.c.d`, in the two-word form of [`Flow::src`].
+#[inline(always)]
+fn v4_mapped(a: [u8; 4]) -> [u64; 2] {
+    [
+        0,
+        u64::from_ne_bytes([0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]),
+    ]
+}
+
+/// Sixteen bytes at `i` in the two-word form of [`Flow::src`].
+#[inline(always)]
+fn words(b: &[u8], i: usize) -> [u64; 2] {
+    let w = |j: usize| {
+        u64::from_ne_bytes([
+            b[j],
+            b[j + 1],
+            b[j + 2],
+            b[j + 3],
+            b[j + 4],
+            b[j + 5],
+            b[j + 6],
+            b[j + 7],
+        ])
+    };
+    [w(i), w(i + 8)]
+}
+
+/// The network-order bytes of an address in two-word form.
+#[inline(always)]
+pub fn addr_bytes(a: [u64; 2]) -> [u8; 16] {
+    let (x, y) = (a[0].to_ne_bytes(), a[1].to_ne_bytes());
+    [
+        x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7], y[0], y[1], y[2], y[3], y[4], y[5], y[6],
+        y[7],
+    ]
 }
 
 #[inline(always)]
@@ -201,12 +241,8 @@ fn parse_ipv4(start: usize, end: usize, off: usize, flow: &mut Flow) -> Parsed {
     }
     flow.ip_version = 4;
     flow.proto = proto;
-    flow.src[10] = 0xff;
-    flow.src[11] = 0xff;
-    flow.src[12..16].copy_from_slice(&ip[12..16]);
-    flow.dst[10] = 0xff;
-    flow.dst[11] = 0xff;
-    flow.dst[12..16].copy_from_slice(&ip[16..20]);
+    flow.src = v4_mapped([ip[12], ip[13], ip[14], ip[15]]);
+    flow.dst = v4_mapped([ip[16], ip[17], ip[18], ip[19]]);
     flow.frag_id = be16(ip, 4) as u32;
     let frag = be16(ip, 6);
     let more_fragments = frag & 0x2000 != 0;
@@ -238,8 +274,8 @@ fn parse_ipv6<P: Packet>(pkt: &P, start: usize, end: usize, off: usize, flow: &m
         return Parsed::BadL3;
     }
     let ip_end = off + 40 + be16(ip, 4) as usize;
-    flow.src.copy_from_slice(&ip[8..24]);
-    flow.dst.copy_from_slice(&ip[24..40]);
+    flow.src = words(ip, 8);
+    flow.dst = words(ip, 24);
     flow.ip_version = 6;
     let next = ip[6];
     if next == IPPROTO_TCP || next == IPPROTO_UDP {

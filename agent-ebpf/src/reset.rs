@@ -2,7 +2,7 @@
 //! shared by both attach points: the attach point then trims the packet to the returned length and
 //! sends it back out of the interface it came in on.
 
-use crate::parse::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, header};
+use crate::parse::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, addr_bytes, header};
 
 /// Rewrites the packet into a RST answering `flow`; returns the new packet length.
 ///
@@ -41,6 +41,7 @@ pub fn build(start: usize, end: usize, flow: &Flow) -> Option<usize> {
     // Window, checksum and urgent pointer stay zero until the checksum is computed.
 
     let l3 = flow.l3_off;
+    let (src, dst) = (addr_bytes(flow.src), addr_bytes(flow.dst));
     if flow.ip_version == 4 {
         let out = header::<[u8; 40]>(start, end, l3)?;
         // SAFETY: checked by `header`.
@@ -51,13 +52,13 @@ pub fn build(start: usize, end: usize, flow: &Flow) -> Option<usize> {
         ip[6] = 0x40; // DF
         ip[8] = 64;
         ip[9] = idgate_common::IPPROTO_TCP;
-        ip[12..16].copy_from_slice(&flow.dst[12..16]);
-        ip[16..20].copy_from_slice(&flow.src[12..16]);
+        ip[12..16].copy_from_slice(&dst[12..16]);
+        ip[16..20].copy_from_slice(&src[12..16]);
         let ip_sum = fold(sum_words(&ip, 0));
         ip[10..12].copy_from_slice(&(!ip_sum).to_be_bytes());
 
-        let mut pseudo = sum_words(&flow.dst[12..16], 0);
-        pseudo = sum_words(&flow.src[12..16], pseudo);
+        let mut pseudo = sum_words(&dst[12..16], 0);
+        pseudo = sum_words(&src[12..16], pseudo);
         pseudo += idgate_common::IPPROTO_TCP as u32 + 20;
         let tcp_sum = fold(sum_words(&tcp, pseudo));
         tcp[16..18].copy_from_slice(&(!tcp_sum).to_be_bytes());
@@ -74,11 +75,11 @@ pub fn build(start: usize, end: usize, flow: &Flow) -> Option<usize> {
         ip[4..6].copy_from_slice(&20u16.to_be_bytes());
         ip[6] = idgate_common::IPPROTO_TCP;
         ip[7] = 64;
-        ip[8..24].copy_from_slice(&flow.dst);
-        ip[24..40].copy_from_slice(&flow.src);
+        ip[8..24].copy_from_slice(&dst);
+        ip[24..40].copy_from_slice(&src);
 
-        let mut pseudo = sum_words(&flow.dst, 0);
-        pseudo = sum_words(&flow.src, pseudo);
+        let mut pseudo = sum_words(&dst, 0);
+        pseudo = sum_words(&src, pseudo);
         pseudo += idgate_common::IPPROTO_TCP as u32 + 20;
         let tcp_sum = fold(sum_words(&tcp, pseudo));
         tcp[16..18].copy_from_slice(&(!tcp_sum).to_be_bytes());

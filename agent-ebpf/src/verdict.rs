@@ -20,7 +20,7 @@ use crate::{
         CIDR_ALLOW, CIDR_DENY, CONFIG, COUNTERS, EVENT_BUCKET, EVENTS, FRAGMENTS, PORTS, SERVICES,
         SESSIONS,
     },
-    parse::{Flow, Frag, L4, Parsed, TCP_RST},
+    parse::{Flow, Frag, L4, Parsed, TCP_RST, addr_bytes},
 };
 
 /// What the attach point must do with the packet.
@@ -119,8 +119,8 @@ pub fn judge(parsed: Parsed, flow: &mut Flow, meta: &Meta) -> Verdict {
 #[inline(always)]
 fn frag_key(flow: &Flow) -> FragKey {
     FragKey {
-        src: flow.src,
-        dst: flow.dst,
+        src: addr_bytes(flow.src),
+        dst: addr_bytes(flow.dst),
         id: flow.frag_id,
         proto: flow.proto,
         pad: [0; 3],
@@ -128,12 +128,12 @@ fn frag_key(flow: &Flow) -> FragKey {
 }
 
 #[inline(always)]
-fn cidr_key(service_id: u32, addr: &[u8; 16]) -> Key<CidrData> {
+fn cidr_key(service_id: u32, addr: [u64; 2]) -> Key<CidrData> {
     Key::new(
         CIDR_SERVICE_BITS + 128,
         CidrData {
             service_id_be: service_id.to_be_bytes(),
-            addr: *addr,
+            addr: addr_bytes(addr),
         },
     )
 }
@@ -155,7 +155,7 @@ fn judge_service(flow: &Flow, meta: &Meta) -> Verdict {
     };
 
     if svc.flags & SERVICE_HAS_DENY != 0 {
-        if let Some(hit) = CIDR_DENY.get(cidr_key(id, &flow.src)) {
+        if let Some(hit) = CIDR_DENY.get(cidr_key(id, flow.src)) {
             let rule = hit.rule_id;
             count(id, Reason::DeniedCidr as u32, meta.len);
             report(
@@ -175,14 +175,14 @@ fn judge_service(flow: &Flow, meta: &Meta) -> Verdict {
         }
     }
     if svc.flags & SERVICE_HAS_ALLOW != 0 {
-        if let Some(hit) = CIDR_ALLOW.get(cidr_key(id, &flow.src)) {
+        if let Some(hit) = CIDR_ALLOW.get(cidr_key(id, flow.src)) {
             let rule = hit.rule_id;
             return allow(Reason::AllowCidr, id, 0, rule, flow, meta);
         }
     }
 
     let session_key = SessionKey {
-        addr: flow.src,
+        addr: addr_bytes(flow.src),
         service_id: id,
     };
     let (reason, identity, rule) = match SESSIONS.get_ptr(&session_key) {
@@ -330,8 +330,8 @@ fn report(
         service_id,
         identity_id,
         rule_id,
-        src: flow.src,
-        dst: flow.dst,
+        src: addr_bytes(flow.src),
+        dst: addr_bytes(flow.dst),
         sport: flow.sport,
         dport: flow.dport,
         proto: flow.proto,

@@ -43,6 +43,11 @@ pub use types::{
 /// The compiled eBPF object (an empty stub when the build skipped the eBPF crate).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/idgate-ebpf"));
 
+/// Whether this build embeds the eBPF programs (false for a stub build without bpf-linker).
+pub fn has_programs() -> bool {
+    !OBJECT.is_empty()
+}
+
 /// Errors of the data plane, each naming the operation and the object it failed on.
 #[derive(Debug, Error)]
 pub enum DataplaneError {
