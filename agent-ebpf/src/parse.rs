@@ -5,7 +5,10 @@
 //! the verdict decides what that means (it fails closed when the packet may be for a protected
 //! port).
 
-use core::mem::size_of;
+use core::{
+    mem::{MaybeUninit, size_of},
+    ptr::write_volatile,
+};
 
 use idgate_common::{IPPROTO_TCP, IPPROTO_UDP};
 
@@ -54,7 +57,7 @@ pub enum L4 {
 /// What the parser found in a TCP or UDP packet.
 ///
 /// Aligned to 8 so that zeroing it is a handful of 8-byte stores rather than a call to a byte-wise
-/// `memset`; the attach points keep it in memory (see [`Flow::new_in_memory`]).
+/// `memset`; the attach points keep it in memory (see [`Flow::init`]).
 #[repr(C, align(8))]
 pub struct Flow {
     /// Source address as two native words holding the network-order bytes (IPv4 mapped into
@@ -78,6 +81,7 @@ pub struct Flow {
 }
 
 impl Flow {
+    /// An empty flow: no addresses, no ports, not fragmented, transport not read.
     #[inline(always)]
     pub const fn new() -> Self {
         Flow {
@@ -95,6 +99,38 @@ impl Flow {
             tcp_flags: 0,
             frag: Frag::None,
             l4: L4::Malformed,
+        }
+    }
+
+    /// Initialises `slot` with one store per field and returns it, opaque to LLVM.
+    ///
+    /// The stores are volatile so that LLVM cannot merge them into a `memset` call: on BPF that is
+    /// a byte-at-a-time loop in a subprogram, which cost more than the whole parse. The returned
+    /// reference goes through `black_box`, so the flow stays one struct in memory instead of being
+    /// split into dozens of values that the ten BPF registers can only hold by spilling them on
+    /// every branch.
+    #[inline(always)]
+    pub fn init(slot: &mut MaybeUninit<Flow>) -> &mut Flow {
+        let p = slot.as_mut_ptr();
+        let empty = Flow::new();
+        // SAFETY: `p` points at `slot`, valid and aligned for a Flow; every field is written
+        // before the reference to the whole is made.
+        unsafe {
+            write_volatile(&raw mut (*p).src, empty.src);
+            write_volatile(&raw mut (*p).dst, empty.dst);
+            write_volatile(&raw mut (*p).l3_off, empty.l3_off);
+            write_volatile(&raw mut (*p).seq, empty.seq);
+            write_volatile(&raw mut (*p).ack, empty.ack);
+            write_volatile(&raw mut (*p).payload_len, empty.payload_len);
+            write_volatile(&raw mut (*p).frag_id, empty.frag_id);
+            write_volatile(&raw mut (*p).sport, empty.sport);
+            write_volatile(&raw mut (*p).dport, empty.dport);
+            write_volatile(&raw mut (*p).proto, empty.proto);
+            write_volatile(&raw mut (*p).ip_version, empty.ip_version);
+            write_volatile(&raw mut (*p).tcp_flags, empty.tcp_flags);
+            write_volatile(&raw mut (*p).frag, empty.frag);
+            write_volatile(&raw mut (*p).l4, empty.l4);
+            core::hint::black_box(&mut *p)
         }
     }
 

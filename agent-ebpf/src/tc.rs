@@ -6,6 +6,8 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
+use core::mem::MaybeUninit;
+
 use aya_log_ebpf::warn;
 
 use crate::{
@@ -51,9 +53,8 @@ impl Packet for TcPacket<'_> {
 #[classifier]
 pub fn idgate_tc(ctx: TcContext) -> i32 {
     let skb_len = ctx.len();
-    let mut flow = Flow::new();
-    // Opaque to LLVM, as in the XDP program: the flow stays one struct in memory.
-    let flow = core::hint::black_box(&mut flow);
+    let mut slot = MaybeUninit::uninit();
+    let mut flow = Flow::init(&mut slot);
     let mut parsed = parse(&TcPacket(&ctx), flow);
     let incomplete = parsed == Parsed::BadL3 || (parsed == Parsed::Ip && flow.l4 == L4::Malformed);
     if incomplete && ((ctx.data_end() - ctx.data()) as u32) < skb_len {
@@ -64,7 +65,7 @@ pub fn idgate_tc(ctx: TcContext) -> i32 {
             PULL_LEN
         };
         if ctx.pull_data(want).is_ok() {
-            *flow = Flow::new();
+            flow = Flow::init(&mut slot);
             parsed = parse(&TcPacket(&ctx), flow);
         }
     }

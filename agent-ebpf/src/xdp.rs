@@ -6,6 +6,8 @@ use aya_ebpf::{
     macros::xdp,
     programs::XdpContext,
 };
+use core::mem::MaybeUninit;
+
 use aya_log_ebpf::warn;
 
 use crate::{
@@ -46,10 +48,8 @@ pub fn idgate_xdp(ctx: XdpContext) -> u32 {
         len: (end - start) as u32,
         ifindex: ctx.ingress_ifindex() as u32,
     };
-    let mut flow = Flow::new();
-    // Opaque to LLVM: the flow then stays one struct in memory instead of being split into
-    // dozens of values that the 10 BPF registers can only hold by spilling them on every branch.
-    let flow = core::hint::black_box(&mut flow);
+    let mut slot = MaybeUninit::uninit();
+    let flow = Flow::init(&mut slot);
     let parsed = parse(&XdpPacket(&ctx), flow);
     let verdict = judge(parsed, flow, &meta);
     match verdict.action {
