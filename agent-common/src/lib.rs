@@ -125,18 +125,24 @@ pub struct SessionValue {
     pub rule_id: u32,
 }
 
-/// Key of the CIDR tries: `prefix_len` covers the 32 bits of service id, then the address bits.
+/// Key of the CIDR tries: `prefix_len` covers the 32 bits of service id, the 8 bits of address
+/// family, then the address bits.
+///
+/// The family byte keeps an IPv6 rule with a short prefix (`::/0`) from matching IPv4 sources,
+/// whose addresses are kept in their IPv4-mapped form.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct CidrData {
     /// Service id, big endian, so it forms the leading 32 bits of the match.
     pub service_id_be: [u8; 4],
+    /// 4 or 6: the IP version of the source.
+    pub family: u8,
     /// Address, network byte order; IPv4 as IPv4-mapped IPv6.
     pub addr: [u8; 16],
 }
 
-/// Number of prefix bits a CIDR key spends on the service id.
-pub const CIDR_SERVICE_BITS: u32 = 32;
+/// Number of prefix bits a CIDR key spends on the service id and the family, before the address.
+pub const CIDR_SERVICE_BITS: u32 = 32 + 8;
 /// Number of prefix bits of the IPv4-mapped prefix (`::ffff:0:0/96`).
 pub const CIDR_V4_MAPPED_BITS: u32 = 96;
 
@@ -347,13 +353,14 @@ pub struct FragKey {
     pub dst: [u8; 16],
     /// IP identification (IPv4: 16 bits; IPv6 fragment header: 32 bits).
     pub id: u32,
-    /// IP protocol.
+    /// The protocol field every fragment of the datagram carries: IPv4's protocol, or the next
+    /// header of IPv6's fragment header.
     pub proto: u8,
     /// Always zero.
     pub pad: [u8; 3],
 }
 
-/// Value of the fragment-tracking LRU: the ports the first fragment carried.
+/// Value of the fragment-tracking LRU: the transport the first fragment carried.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FragValue {
@@ -361,6 +368,10 @@ pub struct FragValue {
     pub sport: u16,
     /// Destination port, host order.
     pub dport: u16,
+    /// Transport protocol (the key's protocol may name an extension header or AH instead).
+    pub proto: u8,
+    /// Always zero.
+    pub pad: [u8; 3],
 }
 
 #[cfg(feature = "user")]
@@ -405,14 +416,14 @@ mod tests {
         assert_eq!(size_of::<ServiceValue>(), 12);
         assert_eq!(size_of::<SessionKey>(), 20);
         assert_eq!(size_of::<SessionValue>(), 16);
-        assert_eq!(size_of::<CidrData>(), 20);
+        assert_eq!(size_of::<CidrData>(), 21);
         assert_eq!(size_of::<CidrValue>(), 4);
         assert_eq!(size_of::<Counter>(), 16);
         assert_eq!(size_of::<Event>(), 8 + 6 * 4 + 32 + 2 + 2 + 4 + 4 + 4);
         assert_eq!(size_of::<EventBucket>(), 32);
         assert_eq!(size_of::<GlobalConfig>(), 24);
         assert_eq!(size_of::<FragKey>(), 40);
-        assert_eq!(size_of::<FragValue>(), 4);
+        assert_eq!(size_of::<FragValue>(), 8);
         assert_eq!(align_of::<Event>(), 8);
     }
 

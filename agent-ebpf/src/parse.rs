@@ -21,6 +21,9 @@ const MAX_VLAN_TAGS: usize = 2;
 /// IPv6 extension headers walked before giving up; real traffic carries one or two.
 const MAX_IPV6_EXT_HEADERS: usize = 8;
 
+/// [`Flow::proto`] of a later fragment whose transport is not named in it.
+pub const PROTO_UNKNOWN: u8 = 0;
+
 const IPV6_HOP_BY_HOP: u8 = 0;
 const IPV6_ROUTING: u8 = 43;
 const IPV6_FRAGMENT: u8 = 44;
@@ -73,7 +76,11 @@ pub struct Flow {
     pub frag_id: u32,
     pub sport: u16,
     pub dport: u16,
+    /// Transport protocol; [`PROTO_UNKNOWN`] for a later fragment whose fragmentable part starts
+    /// with an extension header.
     pub proto: u8,
+    /// The protocol field shared by all fragments of a datagram (see `FragKey::proto`).
+    pub frag_proto: u8,
     pub ip_version: u8,
     pub tcp_flags: u8,
     pub frag: Frag,
@@ -95,6 +102,7 @@ impl Flow {
             sport: 0,
             dport: 0,
             proto: 0,
+            frag_proto: 0,
             ip_version: 0,
             tcp_flags: 0,
             frag: Frag::None,
@@ -126,6 +134,7 @@ impl Flow {
             write_volatile(&raw mut (*p).sport, empty.sport);
             write_volatile(&raw mut (*p).dport, empty.dport);
             write_volatile(&raw mut (*p).proto, empty.proto);
+            write_volatile(&raw mut (*p).frag_proto, empty.frag_proto);
             write_volatile(&raw mut (*p).ip_version, empty.ip_version);
             write_volatile(&raw mut (*p).tcp_flags, empty.tcp_flags);
             write_volatile(&raw mut (*p).frag, empty.frag);
@@ -271,12 +280,12 @@ fn parse_ipv4(start: usize, end: usize, off: usize, flow: &mut Flow) -> Parsed {
     if ihl < 20 || total < ihl || off + total > end - start {
         return Parsed::BadL3;
     }
-    let proto = ip[9];
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+    let mut proto = ip[9];
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPV6_AUTH {
         return Parsed::Unprotected;
     }
     flow.ip_version = 4;
-    flow.proto = proto;
+    flow.frag_proto = proto;
     flow.src = v4_mapped([ip[12], ip[13], ip[14], ip[15]]);
     flow.dst = v4_mapped([ip[16], ip[17], ip[18], ip[19]]);
     flow.frag_id = be16(ip, 4) as u32;
@@ -285,12 +294,36 @@ fn parse_ipv4(start: usize, end: usize, off: usize, flow: &mut Flow) -> Parsed {
     if frag & 0x1fff != 0 {
         flow.frag = Frag::Later;
         flow.l4 = L4::Fragment;
+        flow.proto = if proto == IPV6_AUTH {
+            PROTO_UNKNOWN
+        } else {
+            proto
+        };
         return Parsed::Ip;
     }
     if more_fragments {
         flow.frag = Frag::First;
     }
-    parse_l4(start, end, off + ihl, off + total, flow);
+    let mut l4 = off + ihl;
+    if proto == IPV6_AUTH {
+        // An authentication header (RFC 4302) authenticates but does not hide what follows: look
+        // through it, as for IPv6. Two in a row are not something any peer sends: refused.
+        let Some(ah) = header::<[u8; 2]>(start, end, l4) else {
+            return Parsed::BadL3;
+        };
+        // SAFETY: checked by `header`.
+        let ah = unsafe { &*ah };
+        proto = ah[0];
+        l4 += (ah[1] as usize + 2) * 4;
+        if proto == IPV6_AUTH || l4 > off + total {
+            return Parsed::BadL3;
+        }
+        if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+            return Parsed::Unprotected;
+        }
+    }
+    flow.proto = proto;
+    parse_l4(start, end, l4, off + total, flow);
     Parsed::Ip
 }
 
@@ -374,6 +407,7 @@ fn parse_ipv6_extensions<P: Packet>(
         if kind == IPV6_FRAGMENT {
             let field = be16(&ext, 2);
             flow.frag_id = be32(&ext, 4);
+            flow.frag_proto = next;
             if field >> 3 != 0 {
                 // What follows is the middle of the payload; `next` names its protocol.
                 flow.frag = Frag::Later;
@@ -386,17 +420,28 @@ fn parse_ipv6_extensions<P: Packet>(
             // Otherwise an atomic fragment (RFC 6946): a whole datagram.
         }
     }
+    // The walk may also end by reaching its bound exactly as the last extension header ends.
+    let walked = walked || !is_extension(next);
     if !walked || l4 > ip_end || ip_end > end - start {
         return Parsed::BadL3;
+    }
+    if flow.frag == Frag::Later {
+        // `next` names the first header of the fragmentable part, which may be another extension
+        // header: then the transport is only known from the first fragment.
+        flow.proto = if next == IPPROTO_TCP || next == IPPROTO_UDP {
+            next
+        } else if is_extension(next) {
+            PROTO_UNKNOWN
+        } else {
+            return Parsed::Unprotected;
+        };
+        flow.l4 = L4::Fragment;
+        return Parsed::Ip;
     }
     if next != IPPROTO_TCP && next != IPPROTO_UDP {
         return Parsed::Unprotected;
     }
     flow.proto = next;
-    if flow.frag == Frag::Later {
-        flow.l4 = L4::Fragment;
-        return Parsed::Ip;
-    }
     flow.l4 = L4::Malformed;
     if next == IPPROTO_TCP {
         if let Some(tcp) = pkt.load::<20>(l4) {

@@ -20,7 +20,7 @@ use crate::{
         CIDR_ALLOW, CIDR_DENY, CONFIG, COUNTERS, EVENT_BUCKET, EVENTS, FRAGMENTS, PORTS, SERVICES,
         SESSIONS,
     },
-    parse::{Flow, Frag, L4, Parsed, TCP_RST, addr_bytes},
+    parse::{Flow, Frag, L4, PROTO_UNKNOWN, Parsed, TCP_RST, addr_bytes},
 };
 
 /// What the attach point must do with the packet.
@@ -81,7 +81,13 @@ pub fn judge(parsed: Parsed, flow: &mut Flow, meta: &Meta) -> Verdict {
             refuse_unattributed(Reason::Malformed, flow, meta)
         }
         Parsed::Ip => {
-            let protected_proto = config().protects & protects_bit(flow.proto) != 0;
+            let protects = config().protects;
+            // A later fragment of unknown transport may be for anything protected.
+            let protected_proto = if flow.proto == PROTO_UNKNOWN {
+                protects != 0
+            } else {
+                protects & protects_bit(flow.proto) != 0
+            };
             if !protected_proto {
                 return PASS;
             }
@@ -95,6 +101,7 @@ pub fn judge(parsed: Parsed, flow: &mut Flow, meta: &Meta) -> Verdict {
                             let ports = unsafe { *ports };
                             flow.sport = ports.sport;
                             flow.dport = ports.dport;
+                            flow.proto = ports.proto;
                             judge_service(flow, meta)
                         }
                         None => refuse_unattributed(Reason::UnknownFragment, flow, meta),
@@ -105,6 +112,8 @@ pub fn judge(parsed: Parsed, flow: &mut Flow, meta: &Meta) -> Verdict {
                         let ports = FragValue {
                             sport: flow.sport,
                             dport: flow.dport,
+                            proto: flow.proto,
+                            pad: [0; 3],
                         };
                         // If the LRU cannot take it, later fragments are refused: fail closed.
                         let _ = FRAGMENTS.insert(&frag_key(flow), &ports, 0);
@@ -122,18 +131,19 @@ fn frag_key(flow: &Flow) -> FragKey {
         src: addr_bytes(flow.src),
         dst: addr_bytes(flow.dst),
         id: flow.frag_id,
-        proto: flow.proto,
+        proto: flow.frag_proto,
         pad: [0; 3],
     }
 }
 
 #[inline(always)]
-fn cidr_key(service_id: u32, addr: [u64; 2]) -> Key<CidrData> {
+fn cidr_key(service_id: u32, flow: &Flow) -> Key<CidrData> {
     Key::new(
         CIDR_SERVICE_BITS + 128,
         CidrData {
             service_id_be: service_id.to_be_bytes(),
-            addr: addr_bytes(addr),
+            family: flow.ip_version,
+            addr: addr_bytes(flow.src),
         },
     )
 }
@@ -155,7 +165,7 @@ fn judge_service(flow: &Flow, meta: &Meta) -> Verdict {
     };
 
     if svc.flags & SERVICE_HAS_DENY != 0 {
-        if let Some(hit) = CIDR_DENY.get(cidr_key(id, flow.src)) {
+        if let Some(hit) = CIDR_DENY.get(cidr_key(id, flow)) {
             let rule = hit.rule_id;
             count(id, Reason::DeniedCidr as u32, meta.len);
             report(
@@ -175,7 +185,7 @@ fn judge_service(flow: &Flow, meta: &Meta) -> Verdict {
         }
     }
     if svc.flags & SERVICE_HAS_ALLOW != 0 {
-        if let Some(hit) = CIDR_ALLOW.get(cidr_key(id, flow.src)) {
+        if let Some(hit) = CIDR_ALLOW.get(cidr_key(id, flow)) {
             let rule = hit.rule_id;
             return allow(Reason::AllowCidr, id, 0, rule, flow, meta);
         }
@@ -302,15 +312,21 @@ fn report(
     let now = now_ns();
     // SAFETY: a per-CPU slot; nothing else on this CPU runs concurrently with us.
     let bucket = unsafe { &mut *bucket };
-    // Refill: rate events/s is rate * TOKEN_SCALE / 1e9 units per ns. Elapsed time is capped so
-    // the product cannot overflow.
-    let elapsed = now.saturating_sub(bucket.last_ns).min(10_000_000_000);
+    // Refill: `rate` events/s is rate * TOKEN_SCALE / 1e9 = rate / 1000 units per ns. An idle
+    // spell long enough to fill the bucket fills it; shorter ones are multiplied out, which cannot
+    // overflow (elapsed * rate < cap * 1000 ≤ 1e15). Plain arithmetic on capped operands: BPF has
+    // no 128-bit multiply for saturating_mul.
+    let elapsed = now.saturating_sub(bucket.last_ns);
     bucket.last_ns = now;
-    // Plain products of capped operands: BPF has no 128-bit multiply for saturating_mul.
     let cap = cfg.events_burst.min(MAX_EVENT_BURST) * TOKEN_SCALE;
     let rate = cfg.events_per_sec.min(MAX_EVENTS_PER_SEC);
-    let refill = elapsed * rate / (1_000_000_000 / TOKEN_SCALE);
-    let tokens = bucket.tokens.saturating_add(refill).min(cap);
+    let tokens = if rate == 0 {
+        0
+    } else if elapsed >= cap * 1000 / rate {
+        cap
+    } else {
+        (bucket.tokens + elapsed * rate / 1000).min(cap)
+    };
     if tokens < TOKEN_SCALE {
         bucket.tokens = tokens;
         bucket.suppressed += 1;

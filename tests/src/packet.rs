@@ -134,6 +134,66 @@ impl Spec {
         self
     }
 
+    /// A datagram of another IP protocol (ICMP, ICMPv6, ...) whose body is `body`.
+    pub fn other(src: IpAddr, dst: IpAddr, proto: u8, body: &[u8]) -> Spec {
+        Spec {
+            transport: Transport::Other(proto),
+            payload: body.to_vec(),
+            ..Spec::syn(src, dst, 0)
+        }
+    }
+
+    /// Replaces the source port.
+    pub fn with_sport(mut self, sport: u16) -> Spec {
+        self.sport = sport;
+        self
+    }
+
+    /// Replaces the payload after the transport header.
+    pub fn with_payload(mut self, payload: &[u8]) -> Spec {
+        self.payload = payload.to_vec();
+        self
+    }
+
+    /// Sets the IPv4 options (a multiple of 4 bytes).
+    pub fn with_ipv4_options(mut self, options: &[u8]) -> Spec {
+        self.ipv4_options = options.to_vec();
+        self
+    }
+
+    /// Sets the IPv6 extension headers.
+    pub fn with_ext(mut self, ext: Vec<Ext>) -> Spec {
+        self.ext = ext;
+        self
+    }
+
+    /// Makes this packet a fragment of datagram `id`, in either family: offset in 8-byte units,
+    /// more-fragments flag. A fragment with a non-zero offset carries no transport header. For
+    /// IPv6 the fragment header goes first, before any extension headers already set.
+    pub fn fragment(mut self, offset: u16, more: bool, id: u16) -> Spec {
+        if self.src.is_ipv4() {
+            self.ipv4_frag = Some((offset, more, id));
+        } else {
+            self.ext
+                .insert(0, Ext::Fragment(offset, more, u32::from(id)));
+        }
+        self.omit_transport = offset != 0;
+        self
+    }
+
+    /// Offset of the IP header in the frame: Ethernet plus the VLAN tags.
+    pub fn l3_offset(&self) -> usize {
+        14 + 4 * self.vlans.len()
+    }
+
+    /// Offset of the transport header in the frame: after IPv4 options or IPv6 extension headers.
+    pub fn l4_offset(&self) -> usize {
+        match self.src {
+            IpAddr::V4(_) => self.l3_offset() + 20 + self.ipv4_options.len(),
+            IpAddr::V6(_) => self.l3_offset() + 40 + self.ext_bytes().0.len(),
+        }
+    }
+
     /// Builds the frame.
     pub fn build(&self) -> Vec<u8> {
         let l4 = self.transport_bytes();
@@ -268,6 +328,30 @@ impl Spec {
         }
         t
     }
+}
+
+/// An ARP request from the client MAC: not IP, never judged.
+pub fn arp_request() -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&SRC_MAC);
+    f.extend_from_slice(&0x0806u16.to_be_bytes());
+    // Ethernet/IPv4, request, sender 192.0.2.9, target 192.0.2.1.
+    f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&SRC_MAC);
+    f.extend_from_slice(&[192, 0, 2, 9]);
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&[192, 0, 2, 1]);
+    f
+}
+
+/// Recomputes the IPv4 header checksum of the header at `l3` after a test changed it.
+pub fn fix_ipv4_checksum(frame: &mut [u8], l3: usize) {
+    let ihl = usize::from(frame[l3] & 0x0f) * 4;
+    let end = (l3 + ihl.max(20)).min(frame.len());
+    frame[l3 + 10..l3 + 12].fill(0);
+    let sum = checksum(&frame[l3..end], 0);
+    frame[l3 + 10..l3 + 12].copy_from_slice(&sum.to_be_bytes());
 }
 
 /// The Internet checksum (RFC 1071) of `data`, starting from `acc`.

@@ -774,22 +774,23 @@ fn port_index(s: &Service) -> u32 {
     common::port_index(s.protocol.number(), s.port).expect("TCP and UDP always have a port index")
 }
 
+/// The trie key of a rule: service id, family, then the network. The family keeps an IPv6 rule
+/// such as `::/0` from matching IPv4 sources through their IPv4-mapped form; an IPv6 rule written
+/// in IPv4-mapped form (`::ffff:192.0.2.0/120`) is an IPv4 rule.
 fn cidr_key(r: &CidrRule) -> Key<common::CidrData> {
-    let (addr, bits) = match r.net {
-        IpNet::V4(n) => (
-            addr_to_kernel(IpAddr::V4(n.network())),
-            common::CIDR_V4_MAPPED_BITS + u32::from(n.prefix_len()),
-        ),
-        IpNet::V6(n) => (
-            addr_to_kernel(IpAddr::V6(n.network())),
-            u32::from(n.prefix_len()),
-        ),
+    let mapped_v4 =
+        |n: &ipnet::Ipv6Net| n.prefix_len() >= 96 && n.network().to_ipv4_mapped().is_some();
+    let (family, bits) = match r.net {
+        IpNet::V4(n) => (4, common::CIDR_V4_MAPPED_BITS + u32::from(n.prefix_len())),
+        IpNet::V6(n) if mapped_v4(&n) => (4, u32::from(n.prefix_len())),
+        IpNet::V6(n) => (6, u32::from(n.prefix_len())),
     };
     Key::new(
         common::CIDR_SERVICE_BITS + bits,
         common::CidrData {
             service_id_be: r.service.get().to_be_bytes(),
-            addr,
+            family,
+            addr: addr_to_kernel(r.net.network()),
         },
     )
 }
