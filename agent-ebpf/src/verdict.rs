@@ -95,7 +95,7 @@ pub fn judge(parsed: Parsed, flow: &mut Flow, meta: &Meta) -> Verdict {
                 L4::Malformed => refuse_unattributed(Reason::Malformed, flow, meta),
                 L4::Fragment => {
                     let key = frag_key(flow);
-                    match FRAGMENTS.get_ptr(&key) {
+                    match FRAGMENTS.get_ptr(key) {
                         Some(ports) => {
                             // SAFETY: a value pointer from a successful lookup.
                             let ports = unsafe { *ports };
@@ -116,7 +116,7 @@ pub fn judge(parsed: Parsed, flow: &mut Flow, meta: &Meta) -> Verdict {
                             pad: [0; 3],
                         };
                         // If the LRU cannot take it, later fragments are refused: fail closed.
-                        let _ = FRAGMENTS.insert(&frag_key(flow), &ports, 0);
+                        let _ = FRAGMENTS.insert(frag_key(flow), ports, 0);
                     }
                     judge_service(flow, meta)
                 }
@@ -164,38 +164,38 @@ fn judge_service(flow: &Flow, meta: &Meta) -> Verdict {
         None => ServiceValue::default(),
     };
 
-    if svc.flags & SERVICE_HAS_DENY != 0 {
-        if let Some(hit) = CIDR_DENY.get(cidr_key(id, flow)) {
-            let rule = hit.rule_id;
-            count(id, Reason::DeniedCidr as u32, meta.len);
-            report(
-                EVENT_DENIED,
-                Reason::DeniedCidr,
-                ACTION_DROP,
-                id,
-                0,
-                rule,
-                flow,
-                meta,
-            );
-            return Verdict {
-                action: Action::Drop,
-                service_id: id,
-            };
-        }
+    if svc.flags & SERVICE_HAS_DENY != 0
+        && let Some(hit) = CIDR_DENY.get(cidr_key(id, flow))
+    {
+        let rule = hit.rule_id;
+        count(id, Reason::DeniedCidr as u32, meta.len);
+        report(
+            EVENT_DENIED,
+            Reason::DeniedCidr,
+            ACTION_DROP,
+            id,
+            0,
+            rule,
+            flow,
+            meta,
+        );
+        return Verdict {
+            action: Action::Drop,
+            service_id: id,
+        };
     }
-    if svc.flags & SERVICE_HAS_ALLOW != 0 {
-        if let Some(hit) = CIDR_ALLOW.get(cidr_key(id, flow)) {
-            let rule = hit.rule_id;
-            return allow(Reason::AllowCidr, id, 0, rule, flow, meta);
-        }
+    if svc.flags & SERVICE_HAS_ALLOW != 0
+        && let Some(hit) = CIDR_ALLOW.get(cidr_key(id, flow))
+    {
+        let rule = hit.rule_id;
+        return allow(Reason::AllowCidr, id, 0, rule, flow, meta);
     }
 
     let session_key = SessionKey {
         addr: addr_bytes(flow.src),
         service_id: id,
     };
-    let (reason, identity, rule) = match SESSIONS.get_ptr(&session_key) {
+    let (reason, identity, rule) = match SESSIONS.get_ptr(session_key) {
         Some(s) => {
             // SAFETY: a value pointer from a successful lookup.
             let s = unsafe { *s };

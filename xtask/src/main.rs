@@ -66,6 +66,7 @@ fn main() -> Result<()> {
         Task::Test { args } => {
             setup::run(&root)?;
             require_root("the eBPF and end-to-end suites load programs and create namespaces")?;
+            lint(&root)?;
             let mut cmd = vec!["test", "--workspace", "--exclude", "idgate-ebpf"];
             cmd.extend(args.iter().map(String::as_str));
             cargo(&cmd)
@@ -102,39 +103,43 @@ fn main() -> Result<()> {
                 }
             }
         }
-        Task::Lint => {
-            cargo(&["fmt", "--all", "--check"])?;
-            cargo(&[
-                "clippy",
-                "--workspace",
-                "--exclude",
-                "idgate-ebpf",
-                "--all-targets",
-                "--",
-                "-D",
-                "warnings",
-            ])?;
-            run(Command::new("cargo")
-                .current_dir(root.join("agent-ebpf"))
-                .args([
-                    "+nightly",
-                    "clippy",
-                    "-Z",
-                    "build-std=core",
-                    "--target",
-                    "bpfel-unknown-none",
-                    "--",
-                    "-D",
-                    "warnings",
-                ])
-                .env_remove("RUSTUP_TOOLCHAIN")
-                .env_remove("RUSTC")
-                .env(
-                    "CARGO_ENCODED_RUSTFLAGS",
-                    "--cfg=bpf_target_arch=\"x86_64\"",
-                ))
-        }
+        Task::Lint => lint(&root),
     }
+}
+
+/// rustfmt, then clippy with warnings denied: on the userspace crates, and on the eBPF crate for
+/// its own target (it cannot build for the host).
+fn lint(root: &Path) -> Result<()> {
+    cargo(&["fmt", "--all", "--check"])?;
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "idgate-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    run(Command::new("cargo")
+        .current_dir(root.join("agent-ebpf"))
+        .args([
+            "+nightly",
+            "clippy",
+            "-Z",
+            "build-std=core",
+            "--target",
+            "bpfel-unknown-none",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            "--cfg=bpf_target_arch=\"x86_64\"",
+        ))
 }
 
 fn workspace_root() -> Result<PathBuf> {
