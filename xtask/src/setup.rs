@@ -21,6 +21,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn run(root: &Path) -> Result<()> {
     rust_src(root)?;
+    nightly_clippy()?;
     apt_packages()?;
     bpf_linker()?;
     Ok(())
@@ -82,6 +83,17 @@ fn rust_src(root: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Clippy for the nightly toolchain, which lints the eBPF crate (`cargo xtask lint`).
+fn nightly_clippy() -> Result<()> {
+    if quiet(Command::new("cargo").args(["+nightly", "clippy", "--version"])).is_some() {
+        return Ok(());
+    }
+    step(
+        "clippy for nightly",
+        Command::new("rustup").args(["component", "add", "clippy", "--toolchain", "nightly"]),
+    )
 }
 
 fn apt_packages() -> Result<()> {
