@@ -25,10 +25,7 @@ use aya::{
         Array, HashMap, IterableMap, MapData, MapError, PerCpuArray, RingBuf,
         lpm_trie::{Key, LpmTrie},
     },
-    programs::{
-        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId,
-        xdp::XdpLinkId,
-    },
+    programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, links::FdLink},
 };
 use idgate_common::{self as common, Reason};
 use ipnet::IpNet;
@@ -169,11 +166,6 @@ impl std::fmt::Display for Attached {
     }
 }
 
-enum Link {
-    Xdp(XdpLinkId),
-    Tc(SchedClassifierLinkId),
-}
-
 /// Load-time settings.
 #[derive(Clone, Copy, Debug)]
 pub struct LoadOptions {
@@ -211,7 +203,7 @@ pub struct Dataplane {
     options: LoadOptions,
     services: BTreeMap<ServiceId, Service>,
     cidr_rules: Vec<CidrRule>,
-    links: BTreeMap<String, (Attached, Link)>,
+    links: BTreeMap<String, (Attached, FdLink)>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
@@ -360,56 +352,57 @@ impl Dataplane {
                 let id = prog
                     .attach(iface, TcAttachType::Ingress)
                     .map_err(attach_err)?;
-                (Attached::Tc, Link::Tc(id))
+                let link = prog.take_link(id).map_err(attach_err)?;
+                (
+                    Attached::Tc,
+                    FdLink::try_from(link).map_err(|e| link_err(iface, e))?,
+                )
             }
-            AttachMode::XdpGeneric => {
-                let prog: &mut Xdp = program_mut(&mut self.ebpf, common::programs::XDP)?;
-                let id = prog.attach(iface, XdpMode::Skb).map_err(attach_err)?;
-                (Attached::XdpGeneric, Link::Xdp(id))
-            }
-            AttachMode::XdpNative | AttachMode::Xdp => {
-                let prog: &mut Xdp = program_mut(&mut self.ebpf, common::programs::XDP)?;
-                match prog.attach(iface, XdpMode::Driver) {
-                    Ok(id) => (Attached::XdpNative, Link::Xdp(id)),
-                    Err(e) if mode == AttachMode::Xdp => {
-                        tracing::warn!(
-                            iface,
-                            error = %e,
-                            "native XDP unavailable; falling back to generic XDP, which runs later \
-                             and costs more per packet"
-                        );
-                        let id = prog.attach(iface, XdpMode::Skb).map_err(attach_err)?;
-                        (Attached::XdpGeneric, Link::Xdp(id))
-                    }
-                    Err(e) => return Err(attach_err(e)),
+            AttachMode::XdpGeneric => (Attached::XdpGeneric, self.attach_xdp(iface, XdpMode::Skb)?),
+            AttachMode::XdpNative => (
+                Attached::XdpNative,
+                self.attach_xdp(iface, XdpMode::Driver)?,
+            ),
+            AttachMode::Xdp => match self.attach_xdp(iface, XdpMode::Driver) {
+                Ok(link) => (Attached::XdpNative, link),
+                Err(e) => {
+                    tracing::warn!(
+                        iface,
+                        error = %e,
+                        "native XDP unavailable; falling back to generic XDP, which runs later \
+                         and costs more per packet"
+                    );
+                    (Attached::XdpGeneric, self.attach_xdp(iface, XdpMode::Skb)?)
                 }
-            }
+            },
         };
         tracing::info!(iface, mode = %attached, "enforcement attached");
         self.links.insert(iface.to_owned(), (attached, link));
         Ok(attached)
     }
 
-    /// Detaches from `iface`: its traffic is no longer enforced.
+    fn attach_xdp(&mut self, iface: &str, mode: XdpMode) -> Result<FdLink, DataplaneError> {
+        let attach_err = |source| DataplaneError::Attach {
+            op: "attaching",
+            iface: iface.to_owned(),
+            source,
+        };
+        let prog: &mut Xdp = program_mut(&mut self.ebpf, common::programs::XDP)?;
+        let id = prog.attach(iface, mode).map_err(attach_err)?;
+        let link = prog.take_link(id).map_err(attach_err)?;
+        FdLink::try_from(link).map_err(|e| link_err(iface, e))
+    }
+
+    /// Detaches from `iface`: its traffic is no longer enforced, as soon as this returns.
+    ///
+    /// The link is detached explicitly (`BPF_LINK_DETACH`) rather than by closing its descriptor:
+    /// a copy of the descriptor held elsewhere (a child process between fork and exec, say) would
+    /// otherwise keep the program attached.
     pub fn detach(&mut self, iface: &str) -> Result<(), DataplaneError> {
         let Some((attached, link)) = self.links.remove(iface) else {
             return Err(DataplaneError::NotAttached(iface.to_owned()));
         };
-        let detach_err = |source| DataplaneError::Attach {
-            op: "detaching",
-            iface: iface.to_owned(),
-            source,
-        };
-        match link {
-            Link::Xdp(id) => {
-                let prog: &mut Xdp = program_mut(&mut self.ebpf, common::programs::XDP)?;
-                prog.detach(id).map_err(detach_err)?;
-            }
-            Link::Tc(id) => {
-                let prog: &mut SchedClassifier = program_mut(&mut self.ebpf, common::programs::TC)?;
-                prog.detach(id).map_err(detach_err)?;
-            }
-        }
+        force_detach(iface, &link)?;
         tracing::info!(iface, mode = %attached, "enforcement detached");
         Ok(())
     }
@@ -793,6 +786,35 @@ fn cidr_key(r: &CidrRule) -> Key<common::CidrData> {
             addr: addr_to_kernel(r.net.network()),
         },
     )
+}
+
+fn link_err(iface: &str, e: aya::programs::links::LinkError) -> DataplaneError {
+    DataplaneError::Io {
+        op: format!("taking the link on {iface} (idgate needs bpf_link attachments: kernel ≥ 6.6)"),
+        source: io::Error::other(e),
+    }
+}
+
+fn force_detach(iface: &str, link: &FdLink) -> Result<(), DataplaneError> {
+    let info = link.info().map_err(|e| DataplaneError::Io {
+        op: format!("reading the link on {iface}"),
+        source: io::Error::other(e),
+    })?;
+    sys::link_detach(info.id()).map_err(|source| DataplaneError::Io {
+        op: format!("detaching link {} from {iface}", info.id()),
+        source,
+    })
+}
+
+impl Drop for Dataplane {
+    /// Dropping the data plane detaches it everywhere, at once (see [`Dataplane::detach`]).
+    fn drop(&mut self) {
+        for (iface, (_, link)) in std::mem::take(&mut self.links) {
+            if let Err(e) = force_detach(&iface, &link) {
+                tracing::error!(iface, error = %e, "detaching on shutdown failed");
+            }
+        }
+    }
 }
 
 fn program<'a, T>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a T, DataplaneError>

@@ -3,7 +3,7 @@
 
 use std::{
     io,
-    os::fd::{AsRawFd, BorrowedFd},
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd},
     time::Duration,
 };
 
@@ -111,4 +111,56 @@ pub fn register_readable<T: std::os::fd::AsRawFd>(
         tokio::io::unix::AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE)
     }
     .map_err(io::Error::from)
+}
+
+const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// Detaches the bpf_link with this id now (`BPF_LINK_DETACH`), whoever else holds it open.
+pub fn link_detach(link_id: u32) -> io::Result<()> {
+    #[repr(C)]
+    struct GetFdById {
+        id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    #[repr(C)]
+    struct LinkDetach {
+        link_fd: u32,
+    }
+    let mut get = GetFdById {
+        id: link_id,
+        next_id: 0,
+        open_flags: 0,
+    };
+    // SAFETY: `get` is a valid attr prefix for BPF_LINK_GET_FD_BY_ID, alive for the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_GET_FD_BY_ID,
+            &mut get as *mut GetFdById,
+            size_of::<GetFdById>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    let mut detach = LinkDetach {
+        link_fd: fd.as_raw_fd() as u32,
+    };
+    // SAFETY: as above, for BPF_LINK_DETACH; `fd` stays open for the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            &mut detach as *mut LinkDetach,
+            size_of::<LinkDetach>(),
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
