@@ -5,8 +5,9 @@ mod setup;
 use std::{
     env,
     ffi::OsString,
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -69,7 +70,7 @@ fn main() -> Result<()> {
             lint(&root)?;
             let mut cmd = vec!["test", "--workspace", "--exclude", "idgate-ebpf"];
             cmd.extend(args.iter().map(String::as_str));
-            cargo(&cmd)
+            cargo_test(&cmd)
         }
         Task::Demo => {
             setup::run(&root)?;
@@ -195,6 +196,42 @@ fn cargo(args: &[&str]) -> Result<()> {
     run(Command::new("cargo")
         .args(args)
         .env("IDGATE_REQUIRE_EBPF", "1"))
+}
+
+/// Runs `cargo test`, passing its output through, and closes with one line summing every test
+/// binary's results (cargo prints one "test result" line per binary, the last often for an empty
+/// doc-test run).
+fn cargo_test(args: &[&str]) -> Result<()> {
+    let mut child = Command::new("cargo")
+        .args(args)
+        .env("IDGATE_REQUIRE_EBPF", "1")
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    let stdout = child.stdout.take().context("cargo test's stdout")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test's output")?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            passed += count_before(rest, " passed");
+            failed += count_before(rest, " failed");
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    println!("tests: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("cargo test failed: {status}");
+    }
+    Ok(())
+}
+
+/// The number just before `label` in a "test result" line (`ok. 3 passed; 0 failed; …`).
+fn count_before(line: &str, label: &str) -> u64 {
+    line.find(label)
+        .and_then(|end| line[..end].rsplit([' ', '.']).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
