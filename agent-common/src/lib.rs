@@ -117,7 +117,8 @@ pub struct SessionKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct SessionValue {
-    /// Expiry on the kernel's boot-time clock (`bpf_ktime_get_boot_ns`, `CLOCK_BOOTTIME`).
+    /// Expiry on the kernel's coarse monotonic clock (`CLOCK_MONOTONIC_COARSE`, which the
+    /// programs read with `bpf_ktime_get_coarse_ns`).
     pub expires_ns: u64,
     /// The identity (user) the agent verified; reported in events.
     pub identity_id: u32,
@@ -257,7 +258,7 @@ pub const ACTION_PASS: u32 = 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct Event {
-    /// `bpf_ktime_get_boot_ns` when the packet was seen.
+    /// `bpf_ktime_get_coarse_ns` when the packet was seen.
     pub ts_ns: u64,
     /// [`EVENT_DENIED`] or [`EVENT_NEW_CONNECTION`].
     pub kind: u32,
@@ -299,7 +300,7 @@ pub struct Event {
 pub struct EventBucket {
     /// Tokens available, scaled by [`TOKEN_SCALE`].
     pub tokens: u64,
-    /// Last refill, boot-time ns.
+    /// Last refill, monotonic ns.
     pub last_ns: u64,
     /// Events not emitted because the bucket was empty.
     pub suppressed: u64,

@@ -1085,7 +1085,7 @@ fn events_describe_refusals_and_new_connections() {
     assert_eq!(seen, want);
     assert!(
         events.windows(2).all(|w| w[0].at <= w[1].at) && events[0].at > Duration::ZERO,
-        "event timestamps are boot-clock times in order"
+        "event timestamps are monotonic-clock times in order"
     );
     assert_eq!(dp.event_stats().unwrap().suppressed, 0);
     assert_eq!(reader.drain(), vec![], "drain empties the ring");

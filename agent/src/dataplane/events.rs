@@ -32,7 +32,7 @@ pub enum EventKind {
 /// One event, decoded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DataplaneEvent {
-    /// Boot-time clock when the packet was seen.
+    /// Monotonic clock (coarse) when the packet was seen.
     pub at: Duration,
     /// What happened.
     pub kind: EventKind,

@@ -1,5 +1,5 @@
 //! The few raw system calls aya 0.14 does not wrap: batched map updates and deletes, and the
-//! boot-time clock the kernel side uses for expiry. All unsafe code of the agent lives here.
+//! monotonic clock the kernel side uses for expiry. All unsafe code of the agent lives here.
 
 use std::{
     io,
@@ -88,16 +88,16 @@ pub fn map_delete_batch<K>(map: BorrowedFd<'_>, keys: &[K]) -> Result<(), (usize
     Ok(())
 }
 
-/// `CLOCK_BOOTTIME` now: the clock of `bpf_ktime_get_boot_ns`, which keeps counting while the
-/// machine is suspended, so a session cannot outlive its token across a suspend.
-pub fn boottime_now() -> Duration {
+/// `CLOCK_MONOTONIC_COARSE` now: the very clock the programs read (`bpf_ktime_get_coarse_ns`), so
+/// an expiry computed here means the same instant to the kernel.
+pub fn monotonic_now() -> Duration {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: `ts` is a valid, writable timespec; CLOCK_BOOTTIME exists on every supported kernel.
-    let ret = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    assert_eq!(ret, 0, "clock_gettime(CLOCK_BOOTTIME) cannot fail");
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC_COARSE exists since Linux 2.6.32.
+    let ret = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    assert_eq!(ret, 0, "clock_gettime(CLOCK_MONOTONIC_COARSE) cannot fail");
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 

@@ -128,17 +128,17 @@ pub struct CidrRule {
     pub rule_id: u32,
 }
 
-/// A point on the kernel's boot-time clock, the clock session expiries are kept on.
+/// A point on the kernel's monotonic clock, the clock session expiries are kept on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Expiry(u64);
 
 impl Expiry {
     /// `d` from now.
     pub fn after(d: Duration) -> Expiry {
-        Expiry(duration_ns(sys::boottime_now().saturating_add(d)))
+        Expiry(duration_ns(sys::monotonic_now().saturating_add(d)))
     }
 
-    /// The boot-time instant matching a wall-clock instant (e.g. a token's `exp`). An instant in
+    /// The monotonic instant matching a wall-clock instant (e.g. a token's `exp`). An instant in
     /// the past maps to now, which is already expired.
     pub fn at(when: SystemTime) -> Expiry {
         let left = when
@@ -147,19 +147,19 @@ impl Expiry {
         Expiry::after(left)
     }
 
-    /// From raw boot-time nanoseconds.
+    /// From raw monotonic nanoseconds.
     pub const fn from_ns(ns: u64) -> Expiry {
         Expiry(ns)
     }
 
-    /// Raw boot-time nanoseconds.
+    /// Raw monotonic nanoseconds.
     pub const fn as_ns(self) -> u64 {
         self.0
     }
 
     /// Time left before expiry (zero when already expired).
     pub fn remaining(self) -> Duration {
-        Duration::from_nanos(self.0).saturating_sub(sys::boottime_now())
+        Duration::from_nanos(self.0).saturating_sub(sys::monotonic_now())
     }
 
     /// The wall-clock instant matching this expiry (approximate: the clocks may drift apart).
@@ -303,7 +303,7 @@ mod tests {
     }
 
     #[test]
-    fn expiry_tracks_the_boot_clock() {
+    fn expiry_tracks_the_monotonic_clock() {
         let e = Expiry::after(Duration::from_secs(60));
         let left = e.remaining();
         assert!(left > Duration::from_secs(59) && left <= Duration::from_secs(60));

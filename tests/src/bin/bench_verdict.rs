@@ -58,12 +58,12 @@ fn main() -> Result<()> {
 
     println!(
         "idgate verdict benchmark: BPF_PROG_TEST_RUN, XDP, median of {} runs; \
-         same key: repeat {} of one packet; random keys: {} packets, one run each",
+         repeated: one packet {} times in the kernel; once: {} calls of one run each",
         cfg.runs, cfg.repeat, cfg.random_packets
     );
     println!(
-        "{:>9}  {:<12} {:<11} {:>9} {:>11}",
-        "sessions", "path", "keys", "ns/pkt", "over floor"
+        "{:>9}  {:<12} {:<12} {:>9} {:>11}",
+        "sessions", "path", "run", "ns/pkt", "over floor"
     );
 
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
@@ -99,79 +99,42 @@ fn main() -> Result<()> {
         }
 
         let known = installed[0];
-        let stranger = Ipv4Addr::new(198, 51, 100, 7);
         let floor = dp.floor_program()?;
         let xdp = dp.xdp_program()?;
-        let one = |src: Ipv4Addr, port: u16| {
-            Spec::syn(IpAddr::V4(src), IpAddr::V4(SERVER), port)
-                .tcp(tcp_flags::ACK, 1, 1)
-                .build()
-        };
+        // Three ways to run each path: one packet repeated inside the kernel (everything hot);
+        // the same packet once per call (what a call costs cold, keys hot); a different random
+        // source once per call (adds what random keys cost: hash buckets and entries out of cache).
+        let paths: [(&str, PacketMaker); 3] = [
+            (
+                "allowed",
+                Box::new(|rng: &mut Rng| one(installed[rng.below(installed.len())], PROTECTED)),
+            ),
+            (
+                "denied",
+                Box::new(|rng: &mut Rng| one(random_stranger(rng), PROTECTED)),
+            ),
+            (
+                "unprotected",
+                Box::new(|rng: &mut Rng| one(random_stranger(rng), UNPROTECTED)),
+            ),
+        ];
         let same_floor = median(cfg.runs, || {
             same_key(floor, &one(known, PROTECTED), cfg.repeat)
         })?;
-        let random_sources: Vec<Vec<u8>> = (0..cfg.random_packets)
-            .map(|_| one(installed[rng.below(installed.len())], PROTECTED))
-            .collect();
-        let random_strangers: Vec<Vec<u8>> = (0..cfg.random_packets)
-            .map(|_| one(random_stranger(&mut rng), PROTECTED))
-            .collect();
-        let random_unprotected: Vec<Vec<u8>> = (0..cfg.random_packets)
-            .map(|_| one(random_stranger(&mut rng), UNPROTECTED))
-            .collect();
-        let random_floor = median(cfg.runs, || random_keys(floor, &random_sources))?;
-
-        let rows: [(&str, &str, f64, f64); 8] = [
-            ("floor", "same", same_floor, same_floor),
-            ("floor", "random", random_floor, random_floor),
-            (
-                "allowed",
-                "same",
-                median(cfg.runs, || {
-                    same_key(xdp, &one(known, PROTECTED), cfg.repeat)
-                })?,
-                same_floor,
-            ),
-            (
-                "allowed",
-                "random",
-                median(cfg.runs, || random_keys(xdp, &random_sources))?,
-                random_floor,
-            ),
-            (
-                "denied",
-                "same",
-                median(cfg.runs, || {
-                    same_key(xdp, &one(stranger, PROTECTED), cfg.repeat)
-                })?,
-                same_floor,
-            ),
-            (
-                "denied",
-                "random",
-                median(cfg.runs, || random_keys(xdp, &random_strangers))?,
-                random_floor,
-            ),
-            (
-                "unprotected",
-                "same",
-                median(cfg.runs, || {
-                    same_key(xdp, &one(stranger, UNPROTECTED), cfg.repeat)
-                })?,
-                same_floor,
-            ),
-            (
-                "unprotected",
-                "random",
-                median(cfg.runs, || random_keys(xdp, &random_unprotected))?,
-                random_floor,
-            ),
-        ];
-        for (path, keys, ns, base) in rows {
-            println!(
-                "{n:>9}  {path:<12} {keys:<11} {ns:>9.1} {:>+11.1}",
-                ns - base
-            );
+        let fixed_one: Vec<Vec<u8>> = vec![one(known, PROTECTED); cfg.random_packets];
+        let once_floor = median(cfg.runs, || random_keys(floor, &fixed_one))?;
+        print_row(n, "floor", "repeated", same_floor, same_floor);
+        print_row(n, "floor", "once", once_floor, once_floor);
+        for (path, make) in &paths {
+            let first = make(&mut Rng(1));
+            let repeated = median(cfg.runs, || same_key(xdp, &first, cfg.repeat))?;
+            let same_once: Vec<Vec<u8>> = vec![first.clone(); cfg.random_packets];
+            let once = median(cfg.runs, || random_keys(xdp, &same_once))?;
+            let random: Vec<Vec<u8>> = (0..cfg.random_packets).map(|_| make(&mut rng)).collect();
+            let random_once = median(cfg.runs, || random_keys(xdp, &random))?;
+            print_row(n, path, "repeated", repeated, same_floor);
+            print_row(n, path, "once", once, once_floor);
+            print_row(n, path, "once-random", random_once, once_floor);
         }
     }
     let stats = dp.event_stats()?;
@@ -180,6 +143,19 @@ fn main() -> Result<()> {
         stats.suppressed, stats.ring_full
     );
     Ok(())
+}
+
+fn print_row(sessions: u32, path: &str, run: &str, ns: f64, floor: f64) {
+    println!(
+        "{sessions:>9}  {path:<12} {run:<12} {ns:>9.1} {:>+11.1}",
+        ns - floor
+    );
+}
+
+fn one(src: Ipv4Addr, port: u16) -> Vec<u8> {
+    Spec::syn(IpAddr::V4(src), IpAddr::V4(SERVER), port)
+        .tcp(tcp_flags::ACK, 1, 1)
+        .build()
 }
 
 /// ns per run of one packet repeated `repeat` times inside the kernel.
@@ -221,6 +197,9 @@ fn random_client(rng: &mut Rng) -> Ipv4Addr {
 fn random_stranger(rng: &mut Rng) -> Ipv4Addr {
     Ipv4Addr::from(0xac10_0000 | (rng.next() as u32 & 0x000f_ffff))
 }
+
+/// Makes one packet of a benchmarked path, drawing its source from the generator.
+type PacketMaker<'a> = Box<dyn Fn(&mut Rng) -> Vec<u8> + 'a>;
 
 /// xorshift64*: reproducible, no dependency.
 struct Rng(u64);
