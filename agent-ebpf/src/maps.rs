@@ -16,12 +16,13 @@ pub static PORTS: Array<u32> = Array::with_max_entries(PORT_ENTRIES, 0);
 #[map(name = "IDGATE_SERVICES")]
 pub static SERVICES: Array<ServiceValue> = Array::with_max_entries(MAX_SERVICES, 0);
 
-// Not preallocated: memory follows the sessions actually held rather than the capacity (a
-// preallocated table of 1M entries pins ~100 MB from the start). Measured: lookups cost the same
-// either way. The agent sets the capacity at load time.
+// Preallocated: capacity is guaranteed up front (an insert never fails for want of memory under
+// pressure) and batched inserts ran ~1.8x faster than with BPF_F_NO_PREALLOC (2.0-2.6 vs
+// 1.2-1.3 M sessions/s); lookups cost the same either way. The price is memory held for the whole
+// capacity (~100 bytes per entry), so the agent sizes it from its configuration at load time.
 #[map(name = "IDGATE_SESSIONS")]
 pub static SESSIONS: HashMap<SessionKey, SessionValue> =
-    HashMap::with_max_entries(DEFAULT_MAX_SESSIONS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+    HashMap::with_max_entries(DEFAULT_MAX_SESSIONS, 0);
 
 #[map(name = "IDGATE_CIDR_DENY")]
 pub static CIDR_DENY: LpmTrie<CidrData, CidrValue> = LpmTrie::with_max_entries(MAX_CIDR_RULES, 0);
