@@ -88,28 +88,6 @@ pub struct Flow {
 }
 
 impl Flow {
-    /// An empty flow: no addresses, no ports, not fragmented, transport not read.
-    #[inline(always)]
-    pub const fn new() -> Self {
-        Flow {
-            src: [0; 2],
-            dst: [0; 2],
-            l3_off: 0,
-            seq: 0,
-            ack: 0,
-            payload_len: 0,
-            frag_id: 0,
-            sport: 0,
-            dport: 0,
-            proto: 0,
-            frag_proto: 0,
-            ip_version: 0,
-            tcp_flags: 0,
-            frag: Frag::None,
-            l4: L4::Malformed,
-        }
-    }
-
     /// Initialises `slot` with one store per field and returns it, opaque to LLVM.
     ///
     /// The stores are volatile so that LLVM cannot merge them into a `memset` call: on BPF that is
@@ -120,25 +98,26 @@ impl Flow {
     #[inline(always)]
     pub fn init(slot: &mut MaybeUninit<Flow>) -> &mut Flow {
         let p = slot.as_mut_ptr();
-        let empty = Flow::new();
         // SAFETY: `p` points at `slot`, valid and aligned for a Flow; every field is written
         // before the reference to the whole is made.
         unsafe {
-            write_volatile(&raw mut (*p).src, empty.src);
-            write_volatile(&raw mut (*p).dst, empty.dst);
-            write_volatile(&raw mut (*p).l3_off, empty.l3_off);
-            write_volatile(&raw mut (*p).seq, empty.seq);
-            write_volatile(&raw mut (*p).ack, empty.ack);
-            write_volatile(&raw mut (*p).payload_len, empty.payload_len);
-            write_volatile(&raw mut (*p).frag_id, empty.frag_id);
-            write_volatile(&raw mut (*p).sport, empty.sport);
-            write_volatile(&raw mut (*p).dport, empty.dport);
-            write_volatile(&raw mut (*p).proto, empty.proto);
-            write_volatile(&raw mut (*p).frag_proto, empty.frag_proto);
-            write_volatile(&raw mut (*p).ip_version, empty.ip_version);
-            write_volatile(&raw mut (*p).tcp_flags, empty.tcp_flags);
-            write_volatile(&raw mut (*p).frag, empty.frag);
-            write_volatile(&raw mut (*p).l4, empty.l4);
+            write_volatile(&raw mut (*p).src[0], 0);
+            write_volatile(&raw mut (*p).src[1], 0);
+            write_volatile(&raw mut (*p).dst[0], 0);
+            write_volatile(&raw mut (*p).dst[1], 0);
+            write_volatile(&raw mut (*p).l3_off, 0);
+            write_volatile(&raw mut (*p).seq, 0);
+            write_volatile(&raw mut (*p).ack, 0);
+            write_volatile(&raw mut (*p).payload_len, 0);
+            write_volatile(&raw mut (*p).frag_id, 0);
+            write_volatile(&raw mut (*p).sport, 0);
+            write_volatile(&raw mut (*p).dport, 0);
+            write_volatile(&raw mut (*p).proto, 0);
+            write_volatile(&raw mut (*p).frag_proto, 0);
+            write_volatile(&raw mut (*p).ip_version, 0);
+            write_volatile(&raw mut (*p).tcp_flags, 0);
+            write_volatile(&raw mut (*p).frag, Frag::None);
+            write_volatile(&raw mut (*p).l4, L4::Malformed);
             core::hint::black_box(&mut *p)
         }
     }
