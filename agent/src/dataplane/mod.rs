@@ -258,16 +258,10 @@ impl Dataplane {
         };
         for name in [common::programs::XDP, common::programs::XDP_FLOOR] {
             let prog: &mut Xdp = program_mut(&mut ebpf, name)?;
-            prog.load().map_err(|e| DataplaneError::Load {
-                what: format!("program {name}"),
-                source: Box::new(e),
-            })?;
+            verify(name, || prog.load())?;
         }
         let tc: &mut SchedClassifier = program_mut(&mut ebpf, common::programs::TC)?;
-        tc.load().map_err(|e| DataplaneError::Load {
-            what: format!("program {}", common::programs::TC),
-            source: Box::new(e),
-        })?;
+        verify(common::programs::TC, || tc.load())?;
 
         let mut dp = Dataplane {
             ports: take(&mut ebpf, common::maps::PORTS)?,
@@ -786,6 +780,37 @@ fn cidr_key(r: &CidrRule) -> Key<common::CidrData> {
             addr: addr_to_kernel(r.net.network()),
         },
     )
+}
+
+/// Loads (verifies) a program, retrying when the verifier gave up with EAGAIN: it does so when a
+/// signal arrives mid-verification (a child process exiting is enough), and a retry succeeds.
+fn verify(
+    name: &str,
+    mut load: impl FnMut() -> Result<(), ProgramError>,
+) -> Result<(), DataplaneError> {
+    const ATTEMPTS: usize = 5;
+    let mut attempt = 1;
+    loop {
+        match load() {
+            Ok(()) => return Ok(()),
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < ATTEMPTS =>
+            {
+                tracing::debug!(
+                    program = name,
+                    attempt,
+                    "verification interrupted; retrying"
+                );
+                attempt += 1;
+            }
+            Err(e) => {
+                return Err(DataplaneError::Load {
+                    what: format!("program {name}"),
+                    source: Box::new(e),
+                });
+            }
+        }
+    }
 }
 
 fn link_err(iface: &str, e: aya::programs::links::LinkError) -> DataplaneError {
