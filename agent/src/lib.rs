@@ -4,4 +4,8 @@
 //! The library holds the domain modules; `main.rs` is a thin command line over them.
 #![deny(unsafe_code)]
 
+pub mod config;
 pub mod dataplane;
+pub mod exit;
+pub mod identity;
+pub mod policy;

@@ -1,6 +1,13 @@
 //! The `idgate` command line: a thin layer over the library's modules.
 
-use clap::{Parser, Subcommand};
+use std::{net::IpAddr, path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use idgate::{
+    config::{self, Config, Diagnostic, LoadError},
+    exit,
+    policy::Identity,
+};
 
 #[derive(Parser)]
 #[command(name = "idgate", about = "Identity-aware host firewall", version)]
@@ -13,10 +20,63 @@ struct Cli {
 enum Command {
     /// Print the version and whether this build carries its eBPF programs.
     Version,
+    /// Validate the configuration: print every error (exit 2), or "configuration OK" and any
+    /// warnings.
+    CheckConfig {
+        /// The configuration file.
+        #[arg(long, default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
+    /// Inspect the policy.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Show, per service, every rule in order and why it did or did not match.
+    Explain {
+        /// The configuration file.
+        #[arg(long, default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+        /// A JSON identity ({"issuer", "user", "groups", "scopes", "claims"}); without it, the
+        /// explanation is for traffic without a token.
+        #[arg(long)]
+        identity: Option<PathBuf>,
+        /// The client's source address.
+        #[arg(long)]
+        source: IpAddr,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    /// A readable table.
+    Table,
+    /// JSON, for scripts.
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            };
+            // Printing help or an error to a closed pipe is not worth a second error.
+            let _ = e.print();
+            return code_of(code);
+        }
+    };
+    code_of(match cli.command {
         Command::Version => {
             println!(
                 "idgate {} (eBPF programs {})",
@@ -27,7 +87,105 @@ fn main() -> anyhow::Result<()> {
                     "missing: built without bpf-linker"
                 }
             );
-            Ok(())
+            exit::OK
+        }
+        Command::CheckConfig { config } => check_config(&config),
+        Command::Policy {
+            command:
+                PolicyCommand::Explain {
+                    config,
+                    identity,
+                    source,
+                    output,
+                },
+        } => explain(&config, identity.as_deref(), source, output),
+    })
+}
+
+fn code_of(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+fn print_warnings(warnings: &[Diagnostic]) {
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+}
+
+/// Loads the configuration, printing every error; `None` means exit with [`exit::CONFIG`].
+fn load(path: &std::path::Path) -> Option<(Config, Vec<Diagnostic>)> {
+    match Config::load(path) {
+        Ok(loaded) => Some(loaded),
+        Err(e @ LoadError::Read { .. }) => {
+            eprintln!("error: {e}");
+            None
+        }
+        Err(LoadError::Invalid { path, errors }) => {
+            eprintln!("error: {}: {errors}", path.display());
+            None
         }
     }
+}
+
+fn check_config(path: &std::path::Path) -> i32 {
+    let Some((_, warnings)) = load(path) else {
+        return exit::CONFIG;
+    };
+    print_warnings(&warnings);
+    write_stdout("configuration OK\n")
+}
+
+fn explain(
+    config: &std::path::Path,
+    identity: Option<&std::path::Path>,
+    source: IpAddr,
+    output: Output,
+) -> i32 {
+    let Some((config, warnings)) = load(config) else {
+        return exit::CONFIG;
+    };
+    print_warnings(&warnings);
+    let identity = match identity.map(read_identity).transpose() {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::INPUT;
+        }
+    };
+    let policy = config.policy();
+    let explanation = match &identity {
+        Some(id) => policy.explain(id, source),
+        None => policy.explain_unauthenticated(source),
+    };
+    let text = match output {
+        Output::Table => explanation.to_string(),
+        Output::Json => match serde_json::to_string_pretty(&explanation) {
+            Ok(s) => s + "\n",
+            Err(e) => {
+                eprintln!("error: encoding the explanation: {e}");
+                return exit::FAILURE;
+            }
+        },
+    };
+    write_stdout(&text)
+}
+
+/// Writes to stdout; a reader that went away (`| head`) ends the command quietly, not in a panic.
+fn write_stdout(text: &str) -> i32 {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => exit::OK,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => exit::OK,
+        Err(e) => {
+            eprintln!("error: writing output: {e}");
+            exit::FAILURE
+        }
+    }
+}
+
+fn read_identity(path: &std::path::Path) -> Result<Identity, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("reading identity {}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("identity {}: {e}", path.display()))
 }
