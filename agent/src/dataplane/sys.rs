@@ -25,6 +25,22 @@ struct BatchAttr {
     flags: u64,
 }
 
+/// Issues one bpf(2) command with `attr` (a prefix of `union bpf_attr`; the kernel zero-fills the
+/// rest) and returns what it returned.
+///
+/// # Safety
+///
+/// `attr` must be the layout the command expects, and every pointer in it must stay valid for the
+/// call, for the reads and writes that command does.
+unsafe fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: upheld by the caller; `attr` is borrowed for the whole call.
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ret)
+}
+
 /// Inserts or replaces `keys[i] → values[i]` in one `BPF_MAP_UPDATE_BATCH` call (kernel ≥ 5.6).
 ///
 /// Returns how many elements the kernel processed; on error, the elements before that count were
@@ -47,18 +63,9 @@ pub fn map_update_batch<K, V>(
     };
     // SAFETY: `attr` points at `count` keys and values that stay borrowed for the call; the kernel
     // reads them and writes back only `attr.count`.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            &mut attr as *mut BatchAttr,
-            size_of::<BatchAttr>(),
-        )
-    };
-    if ret < 0 {
-        return Err((attr.count as usize, io::Error::last_os_error()));
-    }
-    Ok(())
+    unsafe { bpf(BPF_MAP_UPDATE_BATCH, &mut attr) }
+        .map(|_| ())
+        .map_err(|e| (attr.count as usize, e))
 }
 
 /// Deletes `keys` in one `BPF_MAP_DELETE_BATCH` call. Stops at the first missing key (ENOENT),
@@ -74,18 +81,9 @@ pub fn map_delete_batch<K>(map: BorrowedFd<'_>, keys: &[K]) -> Result<(), (usize
         ..Default::default()
     };
     // SAFETY: as in `map_update_batch`; the kernel only reads the keys.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_DELETE_BATCH,
-            &mut attr as *mut BatchAttr,
-            size_of::<BatchAttr>(),
-        )
-    };
-    if ret < 0 {
-        return Err((attr.count as usize, io::Error::last_os_error()));
-    }
-    Ok(())
+    unsafe { bpf(BPF_MAP_DELETE_BATCH, &mut attr) }
+        .map(|_| ())
+        .map_err(|e| (attr.count as usize, e))
 }
 
 /// `CLOCK_MONOTONIC_COARSE` now: the very clock the programs read (`bpf_ktime_get_coarse_ns`), so
@@ -133,34 +131,13 @@ pub fn link_detach(link_id: u32) -> io::Result<()> {
         next_id: 0,
         open_flags: 0,
     };
-    // SAFETY: `get` is a valid attr prefix for BPF_LINK_GET_FD_BY_ID, alive for the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_GET_FD_BY_ID,
-            &mut get as *mut GetFdById,
-            size_of::<GetFdById>(),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // SAFETY: `get` is the attr prefix BPF_LINK_GET_FD_BY_ID reads; it holds no pointers.
+    let fd = unsafe { bpf(BPF_LINK_GET_FD_BY_ID, &mut get) }?;
     // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
     let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
     let mut detach = LinkDetach {
         link_fd: fd.as_raw_fd() as u32,
     };
-    // SAFETY: as above, for BPF_LINK_DETACH; `fd` stays open for the call.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_DETACH,
-            &mut detach as *mut LinkDetach,
-            size_of::<LinkDetach>(),
-        )
-    };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    // SAFETY: `detach` is the attr prefix BPF_LINK_DETACH reads; `fd` stays open for the call.
+    unsafe { bpf(BPF_LINK_DETACH, &mut detach) }.map(|_| ())
 }
