@@ -4,8 +4,13 @@
 //! The library holds the domain modules; `main.rs` is a thin command line over them.
 #![deny(unsafe_code)]
 
+pub mod api;
 pub mod config;
 pub mod dataplane;
+pub mod devidp;
 pub mod exit;
 pub mod identity;
 pub mod policy;
+pub mod runtime;
+pub mod session;
+pub mod wiring;

@@ -32,6 +32,16 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Run a development OpenID provider (client credentials, JWT access tokens). Not for
+    /// production: secrets in a plain file, keys in memory only.
+    DevIdp(idgate::devidp::cli::Args),
+    /// Run the daemon: enforce on the configured interfaces, serve the session endpoint and the
+    /// admin socket, until SIGINT or SIGTERM.
+    Run(idgate::runtime::cli::RunArgs),
+    /// List or revoke sessions (through the admin socket).
+    Sessions(idgate::runtime::cli::SessionsArgs),
+    /// Show who is logged in from an address (through the admin socket).
+    Whois(idgate::runtime::cli::WhoisArgs),
 }
 
 #[derive(Subcommand)]
@@ -99,6 +109,10 @@ fn main() -> ExitCode {
                     output,
                 },
         } => explain(&config, identity.as_deref(), source, output),
+        Command::DevIdp(args) => idgate::devidp::cli::run(args),
+        Command::Run(args) => idgate::runtime::cli::run(args),
+        Command::Sessions(args) => idgate::runtime::cli::sessions(args),
+        Command::Whois(args) => idgate::runtime::cli::whois(args),
     })
 }
 

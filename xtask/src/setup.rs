@@ -18,12 +18,18 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The Node.js OpenID provider the identity tests run against (tests/assets/oidc).
+const OIDC_ASSETS: &str = "tests/assets/oidc";
+/// Written into node_modules after `npm ci`: a copy of the lockfile it installed. `npm ci` starts
+/// by deleting node_modules, so an interrupted install leaves no stamp behind.
+const OIDC_STAMP: &str = "node_modules/.idgate-installed-lockfile";
 
 pub fn run(root: &Path) -> Result<()> {
     rust_src(root)?;
     nightly_clippy()?;
     apt_packages()?;
     bpf_linker()?;
+    oidc_provider(root)?;
     Ok(())
 }
 
@@ -141,4 +147,29 @@ fn bpf_linker() -> Result<()> {
             ])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
     )
+}
+
+/// `npm ci` for the test OpenID provider, skipped while node_modules was installed from exactly
+/// the committed lockfile.
+fn oidc_provider(root: &Path) -> Result<()> {
+    let dir = root.join(OIDC_ASSETS);
+    let lockfile = std::fs::read(dir.join("package-lock.json"))
+        .with_context(|| format!("reading {OIDC_ASSETS}/package-lock.json"))?;
+    let stamp = dir.join(OIDC_STAMP);
+    if std::fs::read(&stamp).is_ok_and(|installed| installed == lockfile) {
+        return Ok(());
+    }
+    if quiet(Command::new("npm").arg("--version")).is_none() {
+        bail!(
+            "npm is missing: the identity tests run an OpenID provider on Node.js (>= 20.19); \
+             install Node.js with npm (e.g. `apt-get install nodejs npm`) and run this again"
+        );
+    }
+    step(
+        &format!("npm ci --prefix {OIDC_ASSETS}"),
+        Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--prefix"])
+            .arg(&dir),
+    )?;
+    std::fs::write(&stamp, &lockfile).with_context(|| format!("writing {}", stamp.display()))
 }

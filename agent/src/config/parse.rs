@@ -593,7 +593,8 @@ fn read_issuer(
     });
     let require_typ = or_default(t.get("require_typ_at_jwt"), false, |v| v.bool(d));
     let max_token_bytes = or_default(t.get("max_token_bytes"), 16_384, |v| {
-        v.int(d, 1_024, 1_048_576)
+        // The verifier's own ceiling: a file `check-config` accepts must not fail at `run`.
+        v.int(d, 1_024, crate::identity::MAX_TOKEN_BYTES_LIMIT as i64)
     });
     let user_claim = or_default(t.get("user_claim"), "sub".to_owned(), |v| claim_path(&v, d));
     let group_claims = or_default(t.get("group_claims"), Vec::new(), |v| {
@@ -683,7 +684,8 @@ fn check_issuer_url(v: &Val<'_, '_>, s: &str, allow_http: bool, d: &mut Diags<'_
         return None;
     }
     let loopback = match url.host() {
-        Some(url::Host::Domain(h)) => h.eq_ignore_ascii_case("localhost"),
+        // A name could resolve anywhere; the verifier only trusts address literals to be local.
+        Some(url::Host::Domain(_)) => false,
         Some(url::Host::Ipv4(a)) => a.is_loopback(),
         Some(url::Host::Ipv6(a)) => a.is_loopback(),
         None => false,
@@ -692,7 +694,7 @@ fn check_issuer_url(v: &Val<'_, '_>, s: &str, allow_http: bool, d: &mut Diags<'_
         "https" => Some(()),
         "http" if allow_http && loopback => Some(()),
         "http" if allow_http => {
-            v.error(d, "allow_http is only accepted for a loopback issuer (localhost, 127.0.0.0/8, ::1): keys fetched over plain HTTP from elsewhere could be forged in transit");
+            v.error(d, "allow_http is only accepted for a loopback issuer (an address in 127.0.0.0/8, or ::1; not a name such as localhost): keys fetched over plain HTTP from elsewhere could be forged in transit");
             None
         }
         "http" => {

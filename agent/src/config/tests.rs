@@ -474,6 +474,12 @@ fn plain_http_issuers_only_on_loopback_with_allow_http() {
     let (c, warnings) = ok(&http("http://127.0.0.1:8080/realms/test", true));
     assert!(c.issuers[0].allow_http);
     assert!(warnings.is_empty());
+    // The verifier trusts only address literals to be local: a name could resolve anywhere.
+    assert_has(
+        &errors(&http("http://localhost:8080", true)),
+        "issuers[0].issuer",
+        "only accepted for a loopback issuer",
+    );
     let (_, warnings) = ok(&http("https://idp.example.com", true));
     assert_has(&warnings, "issuers[0].allow_http", "no effect");
     assert_has(
@@ -723,4 +729,26 @@ fn load_reports_the_file() {
     std::fs::write(&good, format!("{BASE}{ALLOW_ALL_USERS}")).unwrap();
     assert!(Config::load(&good).is_ok());
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn max_token_bytes_stays_within_what_the_verifier_accepts() {
+    let base = format!("{BASE}{ALLOW_ALL_USERS}");
+    let with = |n: usize| {
+        replace(
+            &base,
+            "audiences = [\"idgate\"]\n\n[[issuers]]",
+            &format!("audiences = [\"idgate\"]\nmax_token_bytes = {n}\n\n[[issuers]]"),
+        )
+    };
+    let (c, _) = ok(&with(crate::identity::MAX_TOKEN_BYTES_LIMIT));
+    crate::wiring::issuer_settings(&c.issuers[0])
+        .unwrap()
+        .validate()
+        .unwrap();
+    assert_has(
+        &errors(&with(crate::identity::MAX_TOKEN_BYTES_LIMIT + 1)),
+        "issuers[0].max_token_bytes",
+        "",
+    );
 }

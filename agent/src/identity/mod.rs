@@ -26,7 +26,7 @@ mod error;
 mod jwks;
 mod settings;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod verify;
 
 use std::{collections::HashMap, sync::Arc, time::SystemTime};

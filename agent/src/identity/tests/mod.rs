@@ -1,6 +1,6 @@
 //! End-to-end tests of the identity layer against a real IdP on 127.0.0.1.
 
-mod support;
+pub(crate) mod support;
 
 use std::{sync::Arc, time::Duration};
 

@@ -1,0 +1,285 @@
+//! The admin API: HTTP/1.1 over a unix socket (mode 0660, so root and the socket's group), JSON
+//! answers.
+//!
+//! - `GET /v1/whois/{addr}`: who is behind an address, with each service's rule and expiry; 404
+//!   if nobody is.
+//! - `GET /v1/sessions`: every source with its sessions.
+//! - `DELETE /v1/sessions?source=ADDR` or `?user=NAME`: revoke (user matches the user claim or
+//!   the subject, from any issuer); answers how many sources and sessions were removed.
+//! - `GET /v1/status`: sessions, identities, issuers' key status, data-plane event losses.
+
+use std::{
+    convert::Infallible,
+    net::IpAddr,
+    os::unix::fs::{DirBuilderExt as _, FileTypeExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use hyper::{Method, Request, StatusCode, server::conn::http1, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+use tokio::{net::UnixListener, task::JoinSet};
+
+use super::{ApiError, App, HttpResponse, error, json};
+use crate::session::{Removed, SessionView, rfc3339};
+
+/// Permissions of the socket: owner and group may connect.
+pub const SOCKET_MODE: u32 = 0o660;
+/// Permissions of a parent directory the agent creates.
+const DIR_MODE: u32 = 0o750;
+
+/// The bound admin socket; dropping it removes the socket file.
+#[derive(Debug)]
+pub struct AdminSocket {
+    listener: Option<UnixListener>,
+    path: PathBuf,
+}
+
+impl AdminSocket {
+    /// Creates the parent directory if needed, replaces a stale socket (one nobody listens on),
+    /// binds, and sets mode 0660. Refuses to touch a path that is not a socket, or a socket that
+    /// another process still serves.
+    pub fn bind(path: &Path) -> Result<AdminSocket, ApiError> {
+        let fail = |reason: String| ApiError::Socket {
+            path: path.to_owned(),
+            reason,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(DIR_MODE)
+                .create(dir)
+                .map_err(|e| fail(format!("creating {}: {e}", dir.display())))?;
+        }
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_socket() => {
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(fail(
+                        "another process is serving it (is idgate already running?)".into(),
+                    ));
+                }
+                std::fs::remove_file(path)
+                    .map_err(|e| fail(format!("removing the stale socket: {e}")))?;
+            }
+            Ok(_) => return Err(fail("exists and is not a socket; not touching it".into())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(fail(e.to_string())),
+        }
+        let listener = UnixListener::bind(path).map_err(|e| fail(format!("binding: {e}")))?;
+        let socket = AdminSocket {
+            listener: Some(listener),
+            path: path.to_owned(),
+        };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
+            .map_err(|e| fail(format!("setting mode {SOCKET_MODE:o}: {e}")))?;
+        Ok(socket)
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serves until the returned future is dropped (which also ends open connections); the
+    /// socket file goes when `self` is dropped with it.
+    pub async fn serve(mut self, app: Arc<App>) {
+        let Some(listener) = self.listener.take() else {
+            return;
+        };
+        let mut connections = JoinSet::new();
+        loop {
+            let stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin socket: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let app = app.clone();
+            connections.spawn(async move {
+                let service = service_fn(move |req| {
+                    let app = app.clone();
+                    async move { Ok::<_, Infallible>(handle(&app, req)) }
+                });
+                let _ = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(std::time::Duration::from_secs(30))
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+            while connections.try_join_next().is_some() {}
+        }
+    }
+}
+
+impl Drop for AdminSocket {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %self.path.display(), error = %e, "removing the admin socket");
+        }
+    }
+}
+
+/// The list of sessions.
+#[derive(Debug, Serialize)]
+struct SessionList {
+    count: usize,
+    sessions: Vec<SessionView>,
+}
+
+/// What a revocation removed.
+#[derive(Debug, Serialize)]
+struct RevokeAnswer {
+    removed: Removed,
+}
+
+/// One issuer's key status.
+#[derive(Debug, Serialize)]
+struct IssuerStatus {
+    issuer: String,
+    keys: usize,
+    refreshes_ok: u64,
+    refreshes_failed: u64,
+    last_refresh_ok: Option<String>,
+}
+
+/// The agent's status.
+#[derive(Debug, Serialize)]
+struct Status {
+    version: &'static str,
+    sources: usize,
+    sessions: usize,
+    identities: usize,
+    issuers: Vec<IssuerStatus>,
+    events_suppressed: u64,
+    events_lost: u64,
+}
+
+/// Handles one admin request.
+pub(crate) fn handle<B>(app: &App, req: Request<B>) -> HttpResponse {
+    let path = req.uri().path();
+    let query = req.uri().query().unwrap_or("");
+    match (req.method(), path) {
+        (&Method::GET, "/v1/sessions") => {
+            let sessions = app.sessions().table().views();
+            json(
+                StatusCode::OK,
+                &SessionList {
+                    count: sessions.len(),
+                    sessions,
+                },
+            )
+        }
+        (&Method::DELETE, "/v1/sessions") => revoke(app, query),
+        (&Method::GET, "/v1/status") => status(app),
+        (&Method::GET, p) if p.starts_with("/v1/whois/") => {
+            let raw = &p["/v1/whois/".len()..];
+            let Some(addr) = percent_decode(raw).and_then(|a| a.parse::<IpAddr>().ok()) else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "bad_address",
+                    format!("{raw:?} is not an IP address"),
+                );
+            };
+            match app.sessions().table().view(addr) {
+                Some(view) => json(StatusCode::OK, &view),
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "no_session",
+                    format!("no identity is logged in from {}", addr.to_canonical()),
+                ),
+            }
+        }
+        (_, "/v1/sessions" | "/v1/status") => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method_not_allowed",
+            "see the admin API's documentation",
+        ),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "not_found",
+            "unknown path",
+        ),
+    }
+}
+
+fn revoke(app: &App, query: &str) -> HttpResponse {
+    let pairs: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect();
+    let bad = |why: &str| error(StatusCode::BAD_REQUEST, "bad_request", "bad_query", why);
+    let [(key, value)] = pairs.as_slice() else {
+        return bad("give exactly one of ?source=ADDR or ?user=NAME");
+    };
+    let result = match key.as_str() {
+        "source" => match value.parse::<IpAddr>() {
+            Ok(addr) => app.sessions().revoke_source(addr),
+            Err(_) => return bad("source is not an IP address"),
+        },
+        "user" if !value.is_empty() => app.sessions().revoke_user(value),
+        _ => return bad("give exactly one of ?source=ADDR or ?user=NAME"),
+    };
+    match result {
+        Ok(removed) => json(StatusCode::OK, &RevokeAnswer { removed }),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "dataplane_error",
+            format!("{e}; the sweeper retries the removal"),
+        ),
+    }
+}
+
+fn status(app: &App) -> HttpResponse {
+    let (sources, sessions, identities, stats) = {
+        let m = app.sessions();
+        let t = m.table();
+        (
+            t.len(),
+            t.entries(),
+            t.identities(),
+            m.store().event_stats().unwrap_or_default(),
+        )
+    };
+    let mut issuers: Vec<IssuerStatus> = app
+        .verifier
+        .stats()
+        .into_iter()
+        .map(|s| IssuerStatus {
+            issuer: s.issuer,
+            keys: s.keys,
+            refreshes_ok: s.refreshes_ok,
+            refreshes_failed: s.refreshes_failed,
+            last_refresh_ok: s.last_refresh_ok.map(rfc3339),
+        })
+        .collect();
+    issuers.sort_by(|a, b| a.issuer.cmp(&b.issuer));
+    json(
+        StatusCode::OK,
+        &Status {
+            version: env!("CARGO_PKG_VERSION"),
+            sources,
+            sessions,
+            identities,
+            issuers,
+            events_suppressed: stats.suppressed,
+            events_lost: stats.ring_full,
+        },
+    )
+}
+
+/// Decodes `%XX` escapes (clients escape the colons of IPv6 addresses, some do not).
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes: Vec<u8> = url::form_urlencoded::parse(format!("a={s}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned().into_bytes())?;
+    String::from_utf8(bytes).ok()
+}

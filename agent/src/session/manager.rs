@@ -1,0 +1,356 @@
+//! Applies session-table changes to the data plane and audits them.
+//!
+//! Kernel changes always remove before they write, so no moment allows more than either the old
+//! or the new state. When the data plane refuses a change, the source is cleared (fail closed)
+//! and, if even that fails, the next sweep reconciles the kernel map with the table.
+
+use std::{
+    borrow::Cow,
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use thiserror::Error;
+
+use super::{
+    Catalog, ServiceInfo,
+    audit::{self, AuditEvent},
+    table::{Change, EndReason, Ended, Grant, IdentityRecord, NewIdentity, Now, SessionTable},
+};
+use crate::{
+    dataplane::{Dataplane, DataplaneError, EventStats, Protocol, ServiceId, Session},
+    policy::{Action, ServiceDecision},
+};
+
+/// The data plane as the session layer uses it (a fake in unit tests).
+pub trait SessionStore: Send {
+    /// Writes sessions (batched).
+    fn upsert_sessions(&mut self, sessions: &[Session]) -> Result<(), DataplaneError>;
+    /// Removes sessions (batched); missing ones are skipped. Returns how many were removed.
+    fn remove_sessions(&mut self, keys: &[(IpAddr, ServiceId)]) -> Result<usize, DataplaneError>;
+    /// Every session in the kernel map.
+    fn sessions(&self) -> Result<Vec<Session>, DataplaneError>;
+    /// Events the kernel suppressed or lost.
+    fn event_stats(&self) -> Result<EventStats, DataplaneError> {
+        Ok(EventStats::default())
+    }
+}
+
+impl SessionStore for Dataplane {
+    fn upsert_sessions(&mut self, sessions: &[Session]) -> Result<(), DataplaneError> {
+        Dataplane::upsert_sessions(self, sessions)
+    }
+    fn remove_sessions(&mut self, keys: &[(IpAddr, ServiceId)]) -> Result<usize, DataplaneError> {
+        Dataplane::remove_sessions(self, keys)
+    }
+    fn sessions(&self) -> Result<Vec<Session>, DataplaneError> {
+        Dataplane::sessions(self)
+    }
+    fn event_stats(&self) -> Result<EventStats, DataplaneError> {
+        Dataplane::event_stats(self)
+    }
+}
+
+/// The store of a closed manager: refuses every change.
+struct Closed;
+
+impl SessionStore for Closed {
+    fn upsert_sessions(&mut self, _: &[Session]) -> Result<(), DataplaneError> {
+        Err(DataplaneError::Invalid("idgate is shutting down".into()))
+    }
+    fn remove_sessions(&mut self, _: &[(IpAddr, ServiceId)]) -> Result<usize, DataplaneError> {
+        Err(DataplaneError::Invalid("idgate is shutting down".into()))
+    }
+    fn sessions(&self) -> Result<Vec<Session>, DataplaneError> {
+        Ok(Vec::new())
+    }
+}
+
+/// Why a session change failed.
+#[derive(Debug, Error)]
+pub enum SessionError {
+    /// The table refused it; nothing changed.
+    #[error(transparent)]
+    Table(#[from] super::TableError),
+    /// The data plane failed; the source was cleared (fail closed).
+    #[error("the data plane failed: {0}")]
+    Dataplane(#[from] DataplaneError),
+}
+
+/// What a login did.
+#[derive(Debug)]
+pub struct LoginOutcome {
+    /// The identity now behind the source.
+    pub identity: Arc<IdentityRecord>,
+    /// The different identity it replaced, if any.
+    pub replaced: Option<Arc<IdentityRecord>>,
+    /// The sessions installed, with their expiry.
+    pub granted: Vec<Grant>,
+}
+
+/// What a logout or revocation removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Removed {
+    /// Sources that lost their sessions.
+    pub sources: usize,
+    /// Sessions (source, service) that ended.
+    pub sessions: usize,
+}
+
+/// The session table and the data plane it drives.
+pub struct SessionManager {
+    table: SessionTable,
+    store: Box<dyn SessionStore>,
+    catalog: Arc<Catalog>,
+    /// A kernel change failed: the map may hold entries the table does not.
+    dirty: bool,
+}
+
+impl std::fmt::Debug for SessionManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionManager")
+            .field("table", &self.table)
+            .field("dirty", &self.dirty)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SessionManager {
+    /// A manager over `store`, whose sessions map holds `capacity` entries; no session lasts
+    /// longer than `max_lifetime`.
+    pub fn new(
+        store: Box<dyn SessionStore>,
+        catalog: Arc<Catalog>,
+        capacity: usize,
+        max_lifetime: Duration,
+    ) -> Self {
+        Self {
+            table: SessionTable::new(capacity, max_lifetime),
+            store,
+            catalog,
+            dirty: false,
+        }
+    }
+
+    /// Drops the data plane (detaching its programs); later changes fail. For shutdown, so that
+    /// detaching does not wait for the last holder of the manager to go.
+    pub fn close(&mut self) {
+        self.store = Box::new(Closed);
+    }
+
+    /// The table, read-only.
+    pub fn table(&self) -> &SessionTable {
+        &self.table
+    }
+
+    /// The data plane, read-only.
+    pub fn store(&self) -> &dyn SessionStore {
+        &*self.store
+    }
+
+    /// A verified login at `source`: replaces what the source had with what the decisions allow,
+    /// in the kernel and the table, and audits it.
+    pub fn login(
+        &mut self,
+        source: IpAddr,
+        who: NewIdentity,
+        token_expires_at: SystemTime,
+        decisions: &[ServiceDecision],
+    ) -> Result<LoginOutcome, SessionError> {
+        self.login_at(source, who, token_expires_at, decisions, Now::current())
+    }
+
+    /// [`login`](Self::login) as of `now`.
+    pub fn login_at(
+        &mut self,
+        source: IpAddr,
+        who: NewIdentity,
+        token_expires_at: SystemTime,
+        decisions: &[ServiceDecision],
+        now: Now,
+    ) -> Result<LoginOutcome, SessionError> {
+        let source = source.to_canonical();
+        let login = self
+            .table
+            .login(source, who, token_expires_at, decisions, now)?;
+        if let Some(old) = &login.replaced {
+            audit::record(&AuditEvent::Replaced {
+                src: source,
+                old,
+                new: &login.identity,
+            });
+        }
+        let applied = self.apply(&login.change);
+        self.audit_ended(&login.change.ended);
+        if let Err(e) = applied {
+            self.fail_closed(source);
+            return Err(e.into());
+        }
+        for d in decisions.iter().filter(|d| d.log) {
+            let expires_at = login
+                .granted
+                .iter()
+                .find(|g| g.service == d.service_id)
+                .map(|g| g.expires_at);
+            let action = if d.action == Action::Allow && d.needs_session && expires_at.is_none() {
+                // Allowed, but the token expires before a session could start.
+                "drop"
+            } else {
+                action_name(d.action)
+            };
+            let service = self.service(d.service_id, &d.service);
+            audit::record(&AuditEvent::Login {
+                src: source,
+                identity: &login.identity,
+                service: &service,
+                action,
+                rule: d.rule.as_ref().map(|r| (r.name.as_str(), r.id)),
+                expires_at,
+            });
+        }
+        Ok(LoginOutcome {
+            identity: login.identity,
+            replaced: login.replaced,
+            granted: login.granted,
+        })
+    }
+
+    /// Ends the sessions of `source` (the client logged out).
+    pub fn logout(&mut self, source: IpAddr) -> Result<Removed, SessionError> {
+        let change = self.table.end_source(source, EndReason::Logout);
+        self.finish(change)
+    }
+
+    /// Ends the sessions of `source` (an administrator revoked them).
+    pub fn revoke_source(&mut self, source: IpAddr) -> Result<Removed, SessionError> {
+        let change = self.table.end_source(source, EndReason::Revoked);
+        self.finish(change)
+    }
+
+    /// Ends the sessions of every source where `name` (user or subject) is logged in.
+    pub fn revoke_user(&mut self, name: &str) -> Result<Removed, SessionError> {
+        let change = self.table.end_user(name, EndReason::Revoked);
+        self.finish(change)
+    }
+
+    /// Removes what has expired, from the kernel and the table, and audits it; reconciles the
+    /// kernel map with the table if an earlier change failed. Returns how many sessions ended.
+    pub fn sweep(&mut self) -> usize {
+        self.sweep_at(Now::current())
+    }
+
+    /// [`sweep`](Self::sweep) as of `now`.
+    pub fn sweep_at(&mut self, now: Now) -> usize {
+        let change = self.table.expire(now);
+        if let Err(e) = self.apply(&change) {
+            tracing::error!(error = %e, "removing expired sessions failed; will reconcile");
+        }
+        self.audit_ended(&change.ended);
+        if self.dirty {
+            self.reconcile(now);
+        }
+        change.ended.len()
+    }
+
+    /// Applies a change that only removes, audits it and counts it.
+    fn finish(&mut self, change: Change) -> Result<Removed, SessionError> {
+        let applied = self.apply(&change);
+        self.audit_ended(&change.ended);
+        applied?;
+        Ok(Removed {
+            sources: change.sources_ended,
+            sessions: change.ended.len(),
+        })
+    }
+
+    fn apply(&mut self, change: &Change) -> Result<(), DataplaneError> {
+        let result = (|| {
+            if !change.remove.is_empty() {
+                self.store.remove_sessions(&change.remove)?;
+            }
+            if !change.upsert.is_empty() {
+                self.store.upsert_sessions(&change.upsert)?;
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            self.dirty = true;
+        }
+        result
+    }
+
+    /// After a failed login change: nothing at all for `source`, in the table and the kernel.
+    fn fail_closed(&mut self, source: IpAddr) {
+        let change = self.table.end_source(source, EndReason::Error);
+        self.audit_ended(&change.ended);
+        let keys: Vec<_> = self.catalog.iter().map(|s| (source, s.id)).collect();
+        if let Err(e) = self.store.remove_sessions(&keys) {
+            tracing::error!(%source, error = %e, "clearing a source after a failure failed; will reconcile");
+            self.dirty = true;
+        }
+    }
+
+    /// Removes kernel entries the table does not hold (left by failed changes) or that expired.
+    fn reconcile(&mut self, now: Now) {
+        let kernel = match self.store.sessions() {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::error!(error = %e, "listing kernel sessions to reconcile failed");
+                return;
+            }
+        };
+        let stale: Vec<_> = kernel
+            .iter()
+            .filter(|s| {
+                s.expires <= now.mono || !self.table.holds(s.source, s.service, s.identity_id)
+            })
+            .map(|s| (s.source, s.service))
+            .collect();
+        match self.store.remove_sessions(&stale) {
+            Ok(n) => {
+                if n > 0 {
+                    tracing::warn!(
+                        removed = n,
+                        "reconciled: removed kernel sessions the table did not hold"
+                    );
+                }
+                self.dirty = false;
+            }
+            Err(e) => tracing::error!(error = %e, "reconciling kernel sessions failed"),
+        }
+    }
+
+    fn audit_ended(&self, ended: &[Ended]) {
+        for e in ended {
+            let service = self.service(e.grant.service, &e.grant.service_name);
+            audit::record(&AuditEvent::SessionEnd {
+                src: e.source,
+                identity: &e.identity,
+                service: &service,
+                rule: (&e.grant.rule.name, e.grant.rule.id),
+                reason: e.reason.as_str(),
+            });
+        }
+    }
+
+    fn service<'a>(&'a self, id: ServiceId, name: &str) -> Cow<'a, ServiceInfo> {
+        match self.catalog.get(id) {
+            Some(s) => Cow::Borrowed(s),
+            None => Cow::Owned(ServiceInfo {
+                id,
+                name: name.to_owned(),
+                protocol: Protocol::Tcp,
+                port: 0,
+            }),
+        }
+    }
+}
+
+fn action_name(a: Action) -> &'static str {
+    match a {
+        Action::Allow => "allow",
+        Action::Drop => "drop",
+        Action::Reset => "reset",
+    }
+}

@@ -1,0 +1,606 @@
+//! The userspace session table: who is behind each source address, and what each source may
+//! reach until when. It mirrors the kernel's sessions map and names the identities the kernel
+//! only knows by id.
+//!
+//! The table is pure bookkeeping: every change returns the kernel entries to remove and to write,
+//! and the sessions that ended, for the [`super::SessionManager`] to apply and audit.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use serde::Serialize;
+
+use super::{ids::IdAllocator, time::rfc3339};
+use crate::{
+    dataplane::{Expiry, ServiceId, Session},
+    policy::{Action, MatchedRule, ServiceDecision},
+};
+
+/// One instant on both clocks: the wall clock for token `exp`, the kernel's monotonic clock for
+/// session expiry.
+#[derive(Clone, Copy, Debug)]
+pub struct Now {
+    /// Wall clock.
+    pub wall: SystemTime,
+    /// The kernel's (coarse) monotonic clock.
+    pub mono: Expiry,
+}
+
+impl Now {
+    /// The current instant.
+    pub fn current() -> Now {
+        Now {
+            wall: SystemTime::now(),
+            mono: Expiry::after(Duration::ZERO),
+        }
+    }
+}
+
+/// Who presented a token, as the table keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct NewIdentity {
+    /// The token's issuer.
+    pub issuer: String,
+    /// The token's `sub`.
+    pub subject: String,
+    /// The user (the issuer's user claim).
+    pub user: String,
+    /// The groups the token carried.
+    pub groups: Vec<String>,
+}
+
+/// An identity with its id, shared by every source it is logged in from.
+#[derive(Debug, PartialEq, Eq, Serialize)]
+pub struct IdentityRecord {
+    /// The id the kernel's session entries carry.
+    pub id: u32,
+    /// The token's issuer.
+    pub issuer: String,
+    /// The token's `sub`.
+    pub subject: String,
+    /// The user (the issuer's user claim).
+    pub user: String,
+    /// The groups the token carried.
+    pub groups: Vec<String>,
+}
+
+/// One service a source may reach.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    /// The service.
+    pub service: ServiceId,
+    /// The service's name.
+    pub service_name: String,
+    /// The rule that allowed it.
+    pub rule: MatchedRule,
+    /// When the kernel stops letting it through.
+    pub expires: Expiry,
+    /// The same instant on the wall clock, for people.
+    pub expires_at: SystemTime,
+    /// Whether the rule asks for logging.
+    pub log: bool,
+}
+
+/// What the table knows about one source address.
+#[derive(Clone, Debug)]
+pub struct SourceRecord {
+    /// The identity logged in from it (one per source, as PAN-OS User-ID maps an address to one
+    /// user).
+    pub identity: Arc<IdentityRecord>,
+    /// When that identity first logged in from here.
+    pub since: SystemTime,
+    /// The latest token's `exp`.
+    pub token_expires_at: SystemTime,
+    /// The services it may reach.
+    pub grants: BTreeMap<ServiceId, Grant>,
+}
+
+/// Why a session ended (PAN-OS `session_end_reason` style).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EndReason {
+    /// Its expiry passed (token `exp`, rule or global lifetime).
+    Expired,
+    /// The client logged out.
+    Logout,
+    /// An administrator revoked it.
+    Revoked,
+    /// Another identity logged in from the same source.
+    Replaced,
+    /// The same identity presented a new token that no longer allows the service.
+    Refreshed,
+    /// The data plane refused a change; the source was cleared to fail closed.
+    Error,
+}
+
+impl EndReason {
+    /// The reason as written in audit records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Expired => "expired",
+            EndReason::Logout => "logout",
+            EndReason::Revoked => "revoked",
+            EndReason::Replaced => "replaced",
+            EndReason::Refreshed => "refreshed",
+            EndReason::Error => "error",
+        }
+    }
+}
+
+/// A session (one source, one service) that ended.
+#[derive(Clone, Debug)]
+pub struct Ended {
+    /// The source.
+    pub source: IpAddr,
+    /// Who it belonged to.
+    pub identity: Arc<IdentityRecord>,
+    /// What it allowed.
+    pub grant: Grant,
+    /// Why it ended.
+    pub reason: EndReason,
+}
+
+/// What a table change requires of the kernel, and what it ended.
+#[derive(Debug, Default)]
+pub struct Change {
+    /// Entries to remove first (so that no moment allows more than either state).
+    pub remove: Vec<(IpAddr, ServiceId)>,
+    /// Entries to write next.
+    pub upsert: Vec<Session>,
+    /// Sessions that ended.
+    pub ended: Vec<Ended>,
+    /// Sources that no longer have any session.
+    pub sources_ended: usize,
+}
+
+/// The result of a login in the table.
+#[derive(Debug)]
+pub struct Login {
+    /// The kernel changes and ended sessions.
+    pub change: Change,
+    /// The identity now behind the source.
+    pub identity: Arc<IdentityRecord>,
+    /// The identity it replaced, if another one (issuer and subject) held the source.
+    pub replaced: Option<Arc<IdentityRecord>>,
+    /// The services granted, with their expiry.
+    pub granted: Vec<Grant>,
+}
+
+/// Why the table refused a change (nothing was changed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TableError {
+    /// The kernel's sessions map would overflow.
+    #[error("the sessions map is full ({capacity} entries)")]
+    Full {
+        /// The map's capacity.
+        capacity: usize,
+    },
+    /// No identity id is free.
+    #[error("no identity id is free")]
+    IdsExhausted,
+}
+
+/// When a session opened now ends: at the token's `exp`, the rule's lifetime or the global
+/// lifetime, whichever comes first. `None` if that is not in the future.
+pub fn grant_expiry(
+    now: Now,
+    token_expires_at: SystemTime,
+    rule_lifetime: Duration,
+    global_lifetime: Duration,
+) -> Option<(Expiry, SystemTime)> {
+    let left = token_expires_at.duration_since(now.wall).ok()?;
+    let left = left.min(rule_lifetime).min(global_lifetime);
+    if left.is_zero() {
+        return None;
+    }
+    let ns = u64::try_from(left.as_nanos()).unwrap_or(u64::MAX);
+    Some((
+        Expiry::from_ns(now.mono.as_ns().saturating_add(ns)),
+        now.wall + left,
+    ))
+}
+
+/// The session table.
+#[derive(Debug)]
+pub struct SessionTable {
+    ids: IdAllocator,
+    /// id → identity and the number of sources it is logged in from.
+    identities: HashMap<u32, (Arc<IdentityRecord>, usize)>,
+    interned: HashMap<NewIdentity, u32>,
+    sources: HashMap<IpAddr, SourceRecord>,
+    /// Kernel entries the table accounts for (sum of grants).
+    entries: usize,
+    capacity: usize,
+    max_lifetime: Duration,
+}
+
+impl SessionTable {
+    /// An empty table for a sessions map of `capacity` entries and a global lifetime bound.
+    pub fn new(capacity: usize, max_lifetime: Duration) -> Self {
+        Self {
+            ids: IdAllocator::default(),
+            identities: HashMap::new(),
+            interned: HashMap::new(),
+            sources: HashMap::new(),
+            entries: 0,
+            capacity,
+            max_lifetime,
+        }
+    }
+
+    /// A login: `who`, holding a token that expires at `token_expires_at`, at `source`, with the
+    /// policy's decisions. Replaces whatever the source had. Refused whole (nothing changes) if
+    /// the kernel map would overflow.
+    pub fn login(
+        &mut self,
+        source: IpAddr,
+        who: NewIdentity,
+        token_expires_at: SystemTime,
+        decisions: &[ServiceDecision],
+        now: Now,
+    ) -> Result<Login, TableError> {
+        let source = source.to_canonical();
+        let mut grants = BTreeMap::new();
+        for d in decisions {
+            if d.action != Action::Allow || !d.needs_session {
+                continue;
+            }
+            let Some(rule) = d.rule.clone() else {
+                continue;
+            };
+            let lifetime = d.max_session_lifetime.unwrap_or(self.max_lifetime);
+            let Some((expires, expires_at)) =
+                grant_expiry(now, token_expires_at, lifetime, self.max_lifetime)
+            else {
+                continue;
+            };
+            grants.insert(
+                d.service_id,
+                Grant {
+                    service: d.service_id,
+                    service_name: d.service.clone(),
+                    rule,
+                    expires,
+                    expires_at,
+                    log: d.log,
+                },
+            );
+        }
+
+        let old_entries = self.sources.get(&source).map_or(0, |r| r.grants.len());
+        if self.entries - old_entries + grants.len() > self.capacity {
+            return Err(TableError::Full {
+                capacity: self.capacity,
+            });
+        }
+        let same_subject = self
+            .sources
+            .get(&source)
+            .is_some_and(|r| r.identity.issuer == who.issuer && r.identity.subject == who.subject);
+        let identity = self.intern(who)?;
+        let mut change = Change::default();
+        let mut replaced = None;
+        let mut since = now.wall;
+        if let Some(old) = self.sources.remove(&source) {
+            let same = same_subject;
+            let reason = if same {
+                since = old.since;
+                EndReason::Refreshed
+            } else {
+                replaced = Some(old.identity.clone());
+                EndReason::Replaced
+            };
+            for (service, grant) in old.grants {
+                let granted_again = grants.contains_key(&service);
+                if !granted_again {
+                    change.remove.push((source, service));
+                }
+                // Another identity's session ends even where the newcomer gets the same
+                // service; the same identity's just continues with the new expiry.
+                if !(same && granted_again) {
+                    change.ended.push(Ended {
+                        source,
+                        identity: old.identity.clone(),
+                        grant,
+                        reason,
+                    });
+                }
+            }
+            self.entries -= old_entries;
+            self.release(old.identity.id);
+            if grants.is_empty() {
+                change.sources_ended = 1;
+            }
+        }
+        let granted: Vec<Grant> = grants.values().cloned().collect();
+        if grants.is_empty() {
+            self.release(identity.id);
+        } else {
+            change.upsert = grants
+                .values()
+                .map(|g| Session {
+                    source,
+                    service: g.service,
+                    expires: g.expires,
+                    identity_id: identity.id,
+                    rule_id: g.rule.id,
+                })
+                .collect();
+            self.entries += grants.len();
+            self.sources.insert(
+                source,
+                SourceRecord {
+                    identity: identity.clone(),
+                    since,
+                    token_expires_at,
+                    grants,
+                },
+            );
+        }
+        Ok(Login {
+            change,
+            identity,
+            replaced,
+            granted,
+        })
+    }
+
+    /// Ends every session of `source`.
+    pub fn end_source(&mut self, source: IpAddr, reason: EndReason) -> Change {
+        let mut change = Change::default();
+        self.end_into(source.to_canonical(), reason, &mut change);
+        change
+    }
+
+    /// Ends every session of the identities whose user or subject is `name` (from any issuer).
+    pub fn end_user(&mut self, name: &str, reason: EndReason) -> Change {
+        let sources: Vec<IpAddr> = self
+            .sources
+            .iter()
+            .filter(|(_, r)| r.identity.user == name || r.identity.subject == name)
+            .map(|(s, _)| *s)
+            .collect();
+        let mut change = Change::default();
+        for s in sources {
+            self.end_into(s, reason, &mut change);
+        }
+        change
+    }
+
+    fn end_into(&mut self, source: IpAddr, reason: EndReason, change: &mut Change) {
+        let Some(old) = self.sources.remove(&source) else {
+            return;
+        };
+        self.entries -= old.grants.len();
+        self.release(old.identity.id);
+        change.sources_ended += 1;
+        for (service, grant) in old.grants {
+            change.remove.push((source, service));
+            change.ended.push(Ended {
+                source,
+                identity: old.identity.clone(),
+                grant,
+                reason,
+            });
+        }
+    }
+
+    /// Ends what has expired by `now`: grants whose kernel expiry passed, and every grant of a
+    /// source whose token `exp` passed on the wall clock (which the monotonic expiry would miss
+    /// if the wall clock was stepped forward).
+    pub fn expire(&mut self, now: Now) -> Change {
+        let mut change = Change::default();
+        let mut emptied = Vec::new();
+        for (source, record) in &mut self.sources {
+            let token_over = record.token_expires_at <= now.wall;
+            let over: Vec<ServiceId> = record
+                .grants
+                .values()
+                .filter(|g| token_over || g.expires <= now.mono)
+                .map(|g| g.service)
+                .collect();
+            for service in over {
+                if let Some(grant) = record.grants.remove(&service) {
+                    self.entries -= 1;
+                    change.remove.push((*source, service));
+                    change.ended.push(Ended {
+                        source: *source,
+                        identity: record.identity.clone(),
+                        grant,
+                        reason: EndReason::Expired,
+                    });
+                }
+            }
+            if record.grants.is_empty() {
+                emptied.push(*source);
+            }
+        }
+        for source in emptied {
+            if let Some(old) = self.sources.remove(&source) {
+                self.release(old.identity.id);
+                change.sources_ended += 1;
+            }
+        }
+        change
+    }
+
+    /// The record of `source`.
+    pub fn get(&self, source: IpAddr) -> Option<&SourceRecord> {
+        self.sources.get(&source.to_canonical())
+    }
+
+    /// Every source with its record.
+    pub fn iter(&self) -> impl Iterator<Item = (&IpAddr, &SourceRecord)> {
+        self.sources.iter()
+    }
+
+    /// Whether the kernel entry (source, service) with `identity_id` is one the table holds.
+    pub fn holds(&self, source: IpAddr, service: ServiceId, identity_id: u32) -> bool {
+        self.get(source)
+            .is_some_and(|r| r.identity.id == identity_id && r.grants.contains_key(&service))
+    }
+
+    /// The identity a data-plane event names: the one logged in at `source` if it has that id
+    /// (ids are reused, so the source disambiguates), else whoever has the id now.
+    pub fn identity_for(&self, source: IpAddr, identity_id: u32) -> Option<Arc<IdentityRecord>> {
+        if identity_id == 0 {
+            return None;
+        }
+        match self.get(source) {
+            Some(r) if r.identity.id == identity_id => Some(r.identity.clone()),
+            _ => self.identities.get(&identity_id).map(|(i, _)| i.clone()),
+        }
+    }
+
+    /// Sources with sessions.
+    pub fn len(&self) -> usize {
+        self.sources.len()
+    }
+
+    /// Whether no source has a session.
+    pub fn is_empty(&self) -> bool {
+        self.sources.is_empty()
+    }
+
+    /// Kernel entries the table accounts for.
+    pub fn entries(&self) -> usize {
+        self.entries
+    }
+
+    /// Identities with at least one source.
+    pub fn identities(&self) -> usize {
+        self.identities.len()
+    }
+
+    /// The view of one source, for whois.
+    pub fn view(&self, source: IpAddr) -> Option<SessionView> {
+        let source = source.to_canonical();
+        self.sources
+            .get(&source)
+            .map(|r| SessionView::of(source, r))
+    }
+
+    /// Views of every source, ordered by address.
+    pub fn views(&self) -> Vec<SessionView> {
+        let mut out: Vec<_> = self
+            .sources
+            .iter()
+            .map(|(s, r)| SessionView::of(*s, r))
+            .collect();
+        out.sort_by_key(|v| v.source);
+        out
+    }
+
+    fn intern(&mut self, who: NewIdentity) -> Result<Arc<IdentityRecord>, TableError> {
+        if let Some(id) = self.interned.get(&who)
+            && let Some((record, refs)) = self.identities.get_mut(id)
+        {
+            *refs += 1;
+            return Ok(record.clone());
+        }
+        let id = self.ids.allocate().ok_or(TableError::IdsExhausted)?;
+        let record = Arc::new(IdentityRecord {
+            id,
+            issuer: who.issuer.clone(),
+            subject: who.subject.clone(),
+            user: who.user.clone(),
+            groups: who.groups.clone(),
+        });
+        self.interned.insert(who, id);
+        self.identities.insert(id, (record.clone(), 1));
+        Ok(record)
+    }
+
+    fn release(&mut self, id: u32) {
+        let Some((record, refs)) = self.identities.get_mut(&id) else {
+            return;
+        };
+        *refs -= 1;
+        if *refs > 0 {
+            return;
+        }
+        let key = NewIdentity {
+            issuer: record.issuer.clone(),
+            subject: record.subject.clone(),
+            user: record.user.clone(),
+            groups: record.groups.clone(),
+        };
+        self.interned.remove(&key);
+        self.identities.remove(&id);
+        self.ids.release(id);
+    }
+}
+
+/// One source's sessions, as the admin API shows them.
+#[derive(Clone, Debug, Serialize)]
+pub struct SessionView {
+    /// The source address.
+    pub source: IpAddr,
+    /// The identity id the kernel entries carry.
+    pub identity_id: u32,
+    /// The user.
+    pub user: String,
+    /// The token's `sub`.
+    pub subject: String,
+    /// The token's issuer.
+    pub issuer: String,
+    /// The token's groups.
+    pub groups: Vec<String>,
+    /// When this identity logged in from this source (RFC 3339).
+    pub since: String,
+    /// The latest token's `exp` (RFC 3339).
+    pub token_expires_at: String,
+    /// The latest expiry of any of its services (RFC 3339).
+    pub expires_at: String,
+    /// Per service: the rule that allowed it and its expiry.
+    pub services: Vec<ServiceView>,
+}
+
+/// One service of a [`SessionView`].
+#[derive(Clone, Debug, Serialize)]
+pub struct ServiceView {
+    /// The service's name.
+    pub service: String,
+    /// The service's id.
+    pub service_id: u32,
+    /// The rule that allowed it.
+    pub rule: MatchedRule,
+    /// When it expires (RFC 3339).
+    pub expires_at: String,
+}
+
+impl SessionView {
+    fn of(source: IpAddr, r: &SourceRecord) -> SessionView {
+        let latest = r
+            .grants
+            .values()
+            .map(|g| g.expires_at)
+            .max()
+            .unwrap_or(r.token_expires_at);
+        SessionView {
+            source,
+            identity_id: r.identity.id,
+            user: r.identity.user.clone(),
+            subject: r.identity.subject.clone(),
+            issuer: r.identity.issuer.clone(),
+            groups: r.identity.groups.clone(),
+            since: rfc3339(r.since),
+            token_expires_at: rfc3339(r.token_expires_at),
+            expires_at: rfc3339(latest),
+            services: r
+                .grants
+                .values()
+                .map(|g| ServiceView {
+                    service: g.service_name.clone(),
+                    service_id: g.service.get(),
+                    rule: g.rule.clone(),
+                    expires_at: rfc3339(g.expires_at),
+                })
+                .collect(),
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! End to end through the session layer: idgate's daemon in the server namespace (native XDP on
+//! its veth, a protected tcp/8000 with `drop`, the HTTPS session endpoint on 8443, the admin
+//! socket), an IdP serving its keys over HTTPS in the same namespace, and a client namespace
+//! that presents tokens and tries the protected port.
+//!
+//! The scenario takes any [`Issuer`]: [`TestIdp`] here; a real provider can run the same flow
+//! through an adapter.
+//!
+//! Needs root (CI runs it through `cargo xtask test`).
+
+use std::{
+    io::Read as _,
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use hyper::Method;
+use idgate_tests::{
+    daemon::{Daemon, wait_audit},
+    idp::{Issuer, TestCa, TestIdp, now_secs},
+    netns::{NetNs, Pair, unique_id},
+    run::require_root,
+};
+use serde_json::Value;
+
+/// The protected port.
+const PROTECTED: u16 = 8000;
+/// The session endpoint's port.
+const ENDPOINT: u16 = 8443;
+/// A connect that gets no answer within this counts as blocked (the service drops).
+const BLOCKED_WAIT: Duration = Duration::from_millis(400);
+/// Upper bound of any poll.
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// A TCP server answering `hello\n` to every connection; stops on drop.
+struct Hello {
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Hello {
+    fn start(ns: &NetNs, addr: SocketAddr) -> Result<Hello> {
+        let listener = ns.run_in(|| TcpListener::bind(addr))?;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut c, _)) => {
+                        use std::io::Write as _;
+                        let _ = c.set_nonblocking(false);
+                        let _ = c.write_all(b"hello\n");
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Ok(Hello {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Hello {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The client's view: the protected port and the session endpoint, from the client namespace.
+struct Client<'a> {
+    ns: &'a NetNs,
+    server: IpAddr,
+    ca_pem: String,
+}
+
+impl Client<'_> {
+    /// Whether the protected port answers now.
+    fn reaches(&self) -> bool {
+        let addr = SocketAddr::new(self.server, PROTECTED);
+        self.ns.run_in(|| {
+            let Ok(mut s) = TcpStream::connect_timeout(&addr, BLOCKED_WAIT) else {
+                return false;
+            };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut buf = [0u8; 6];
+            s.read_exact(&mut buf).is_ok() && &buf == b"hello\n"
+        })
+    }
+
+    /// Polls until the protected port is (`open`) or is not reachable; returns when it was seen.
+    fn wait_reach(&self, open: bool, what: &str) -> Result<Instant> {
+        let start = Instant::now();
+        while start.elapsed() < DEADLINE {
+            if self.reaches() == open {
+                return Ok(Instant::now());
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "{what}: port {PROTECTED} still {}",
+            if open { "blocked" } else { "open" }
+        )
+    }
+
+    /// One call to the session endpoint over HTTPS, trusting only the test CA.
+    fn call(&self, method: reqwest::Method, token: Option<&str>) -> Result<(u16, Value)> {
+        let url = format!("https://{}:{ENDPOINT}/v1/sessions", self.server);
+        let ca = self.ca_pem.clone();
+        self.ns.run_in(move || -> Result<(u16, Value)> {
+            // Built on this thread (in the client namespace), so its connections are made there.
+            let client = reqwest::blocking::Client::builder()
+                .tls_certs_only([reqwest::Certificate::from_pem(ca.as_bytes())?])
+                .no_proxy()
+                .timeout(Duration::from_secs(10))
+                .build()?;
+            let mut req = client.request(method, &url);
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            let resp = req.send().context("calling the session endpoint")?;
+            let status = resp.status().as_u16();
+            let body: Value =
+                serde_json::from_slice(&resp.bytes()?).context("the answer is not JSON")?;
+            Ok((status, body))
+        })
+    }
+
+    fn login(&self, token: &str) -> Result<(u16, Value)> {
+        self.call(reqwest::Method::POST, Some(token))
+    }
+}
+
+/// The daemon's configuration for this topology.
+fn config(
+    pair: &Pair,
+    issuer: &dyn Issuer,
+    cert: &idgate_tests::idp::ServerCert,
+    socket: &Path,
+) -> String {
+    format!(
+        r#"
+[dataplane]
+interfaces = [{{ name = "{iface}", mode = "xdp" }}]
+max_session_lifetime = "1h"
+
+[[services]]
+name = "fastapi"
+protocol = "tcp"
+port = {PROTECTED}
+action = "drop"
+
+{issuer}
+[session_endpoint]
+listen = "{srv}:{ENDPOINT}"
+tls_cert = "{cert}"
+tls_key = "{key}"
+
+[admin]
+socket = "{socket}"
+
+[policy]
+default = "drop"
+
+[[policy.rules]]
+name = "web-users"
+sources = ["group:web"]
+services = ["fastapi"]
+action = "allow"
+max_session_lifetime = "30m"
+"#,
+        iface = pair.srv_if,
+        issuer = issuer.config_toml(),
+        srv = Pair::srv_addr(false),
+        cert = cert.cert.display(),
+        key = cert.key.display(),
+        socket = socket.display(),
+    )
+}
+
+#[test]
+fn tokens_open_and_close_the_protected_port() {
+    require_root();
+    let pair = Pair::new().expect("namespaces");
+    let ca = TestCa::new().expect("test CA");
+    let srv = Pair::srv_addr(false);
+    let idp = TestIdp::start(&pair.srv, SocketAddr::new(srv, 0), &ca).expect("test IdP");
+    scenario(&pair, &ca, &idp).unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+/// The whole flow, for any issuer.
+fn scenario(pair: &Pair, ca: &TestCa, idp: &dyn Issuer) -> Result<()> {
+    let srv = Pair::srv_addr(false);
+    let cli_addr = Pair::cli_addr(false);
+    let _hello = Hello::start(&pair.srv, SocketAddr::new(srv, PROTECTED))?;
+    let cert = ca.server_cert("endpoint", srv)?;
+    let socket = ca
+        .dir()
+        .join(format!("run-{}", unique_id()))
+        .join("admin.sock");
+    let client = Client {
+        ns: &pair.cli,
+        server: srv,
+        ca_pem: ca.ca_pem(),
+    };
+    let mint = |user: &str, groups: &[&str], ttl: u64| {
+        pair.srv
+            .run_in(|| idp.mint(user, groups, Duration::from_secs(ttl)))
+    };
+
+    let started = Instant::now();
+    let daemon = Daemon::start(&pair.srv, &config(pair, idp, &cert, &socket))?;
+    eprintln!("daemon ready in {:?}", started.elapsed());
+    let mode = std::fs::metadata(daemon.admin_socket())?.permissions();
+    ensure!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777 == 0o660,
+        "admin socket mode {:o}",
+        std::os::unix::fs::PermissionsExt::mode(&mode)
+    );
+
+    // Closed without a session.
+    ensure!(!client.reaches(), "port {PROTECTED} open before any token");
+
+    // A token with an allowed group opens it, and the answer names the user and the rule.
+    let alice = mint("alice", &["web"], 300)?;
+    let (status, body) = client.login(&alice)?;
+    ensure!(status == 200, "alice: {status} {body}");
+    ensure!(body["user"] == "alice", "{body}");
+    ensure!(body["issuer"] == idp.issuer(), "{body}");
+    ensure!(body["source"] == cli_addr.to_string(), "{body}");
+    ensure!(body["services"][0]["rule"]["name"] == "web-users", "{body}");
+    ensure!(body["services"][0]["decision"] == "allow", "{body}");
+    ensure!(body["expires_at"].is_string(), "{body}");
+    client.wait_reach(true, "after alice's login")?;
+    wait_audit("of alice's login", DEADLINE, |r| {
+        r.get("event").map(String::as_str) == Some("login")
+            && r.get("srcuser").map(String::as_str) == Some("alice")
+            && r.get("action").map(String::as_str) == Some("allow")
+    })?;
+
+    // A token whose groups the policy refuses: 403, and the address is no longer alice's.
+    let bob = mint("bob", &["sales"], 300)?;
+    let (status, body) = client.login(&bob)?;
+    ensure!(status == 403, "bob: {status} {body}");
+    ensure!(body["services"][0]["decision"] == "deny", "{body}");
+    ensure!(body["replaced"]["user"] == "alice", "{body}");
+    client.wait_reach(false, "after bob's refused login")?;
+    wait_audit("of alice being replaced", DEADLINE, |r| {
+        r.get("event").map(String::as_str) == Some("identity-replaced")
+            && r.get("previous_user").map(String::as_str) == Some("alice")
+    })?;
+
+    // A bad token changes nothing and gets a challenge.
+    let (status, body) = client.login("not.a.token")?;
+    ensure!(status == 401, "garbage: {status} {body}");
+    ensure!(!client.reaches(), "open after a bad token");
+
+    // Logout closes it again.
+    let (status, _) = client.login(&alice)?;
+    ensure!(status == 200);
+    client.wait_reach(true, "after alice's second login")?;
+    let (status, body) = client.call(reqwest::Method::DELETE, Some(&alice))?;
+    ensure!(status == 200, "logout: {status} {body}");
+    ensure!(body["removed"]["sessions"] == 1, "{body}");
+    client.wait_reach(false, "after logout")?;
+
+    // A token that expires in a few seconds stops working then, with no further call.
+    let exp = now_secs() + 3;
+    let short = mint("alice", &["web"], 3)?;
+    let (status, body) = client.login(&short)?;
+    ensure!(status == 200, "short token: {status} {body}");
+    client.wait_reach(true, "with the short token")?;
+    let closed_at = client.wait_reach(false, "after the short token's exp")?;
+    let closed_wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64()
+        - closed_at.elapsed().as_secs_f64();
+    // The kernel's coarse clock may be a tick early; never a second early.
+    ensure!(
+        closed_wall >= exp as f64 - 1.0,
+        "closed at {closed_wall}, exp {exp}"
+    );
+    wait_audit("of the expiry", DEADLINE, |r| {
+        r.get("event").map(String::as_str) == Some("session-end")
+            && r.get("session_end_reason").map(String::as_str) == Some("expired")
+            && r.get("srcuser").map(String::as_str) == Some("alice")
+    })?;
+    let (status, _) = daemon.admin(Method::GET, &format!("/v1/whois/{cli_addr}"))?;
+    ensure!(status == 404, "whois after expiry: {status}");
+
+    // whois names the user; revoking by user closes the port.
+    let (status, _) = client.login(&alice)?;
+    ensure!(status == 200);
+    client.wait_reach(true, "after alice's third login")?;
+    let (status, who) = daemon.admin(Method::GET, &format!("/v1/whois/{cli_addr}"))?;
+    ensure!(status == 200, "whois: {status} {who}");
+    ensure!(who["user"] == "alice", "{who}");
+    ensure!(who["groups"][0] == "web", "{who}");
+    ensure!(who["services"][0]["rule"]["name"] == "web-users", "{who}");
+    let (status, list) = daemon.admin(Method::GET, "/v1/sessions")?;
+    ensure!(status == 200 && list["count"] == 1, "{list}");
+    let (status, body) = daemon.admin(Method::DELETE, "/v1/sessions?user=alice")?;
+    ensure!(status == 200, "revoke: {status} {body}");
+    ensure!(body["removed"]["sources"] == 1, "{body}");
+    client.wait_reach(false, "after revocation")?;
+    wait_audit("of the revocation", DEADLINE, |r| {
+        r.get("session_end_reason").map(String::as_str) == Some("revoked")
+    })?;
+    // Refused flows reach the audit trail (rate-limited), named by reason.
+    wait_audit("of a refused flow", DEADLINE, |r| {
+        r.get("event").map(String::as_str) == Some("flow")
+            && r.get("action").map(String::as_str) == Some("deny")
+    })?;
+
+    // Shutdown detaches (the port is no longer protected) and removes the admin socket.
+    let socket_path = daemon.admin_socket().to_owned();
+    daemon.stop()?;
+    ensure!(!socket_path.exists(), "admin socket left behind");
+    client.wait_reach(true, "after shutdown (detached)")?;
+    Ok(())
+}
