@@ -51,8 +51,12 @@ enum PolicyCommand {
         /// The configuration file.
         #[arg(long, default_value = config::DEFAULT_PATH)]
         config: PathBuf,
-        /// A JSON identity ({"issuer", "user", "groups", "scopes", "claims"}); without it, the
-        /// explanation is for traffic without a token.
+        /// A file holding an access token: verified against the configured issuers (their keys
+        /// are fetched), then explained. Without --token or --identity, the explanation is for
+        /// traffic without a token.
+        #[arg(long, conflicts_with = "identity")]
+        token: Option<PathBuf>,
+        /// A JSON identity ({"issuer", "user", "groups", "scopes", "claims"}) instead of a token.
         #[arg(long)]
         identity: Option<PathBuf>,
         /// The client's source address.
@@ -104,11 +108,18 @@ fn main() -> ExitCode {
             command:
                 PolicyCommand::Explain {
                     config,
+                    token,
                     identity,
                     source,
                     output,
                 },
-        } => explain(&config, identity.as_deref(), source, output),
+        } => explain(
+            &config,
+            token.as_deref(),
+            identity.as_deref(),
+            source,
+            output,
+        ),
         Command::DevIdp(args) => idgate::devidp::cli::run(args),
         Command::Run(args) => idgate::runtime::cli::run(args),
         Command::Sessions(args) => idgate::runtime::cli::sessions(args),
@@ -151,6 +162,7 @@ fn check_config(path: &std::path::Path) -> i32 {
 
 fn explain(
     config: &std::path::Path,
+    token: Option<&std::path::Path>,
     identity: Option<&std::path::Path>,
     source: IpAddr,
     output: Output,
@@ -159,7 +171,11 @@ fn explain(
         return exit::CONFIG;
     };
     print_warnings(&warnings);
-    let identity = match identity.map(read_identity).transpose() {
+    let identity = match token {
+        Some(path) => verify_token_file(&config, path).map(Some),
+        None => identity.map(read_identity).transpose(),
+    };
+    let identity = match identity {
         Ok(i) => i,
         Err(e) => {
             eprintln!("error: {e}");
@@ -196,6 +212,32 @@ fn write_stdout(text: &str) -> i32 {
             exit::FAILURE
         }
     }
+}
+
+/// Verifies the token in `path` as the daemon would (keys fetched from the configured issuers);
+/// touches no data plane.
+fn verify_token_file(config: &Config, path: &std::path::Path) -> Result<Identity, String> {
+    let token = std::fs::read_to_string(path)
+        .map_err(|e| format!("reading token {}: {e}", path.display()))?;
+    let settings =
+        idgate::wiring::all_issuer_settings(&config.issuers).map_err(|e| e.to_string())?;
+    let verifier = idgate::identity::Verifier::new(settings).map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    runtime.block_on(async {
+        for (issuer, result) in verifier.refresh_all().await {
+            if let Err(e) = result {
+                eprintln!("warning: fetching the keys of {issuer}: {e}");
+            }
+        }
+        verifier
+            .verify(token.trim())
+            .await
+            .map(|t| idgate::wiring::identity_of(&t))
+            .map_err(|e| format!("token {} refused: {} ({e})", path.display(), e.reason()))
+    })
 }
 
 fn read_identity(path: &std::path::Path) -> Result<Identity, String> {

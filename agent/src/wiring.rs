@@ -66,6 +66,17 @@ pub fn all_issuer_settings(issuers: &[IssuerConfig]) -> Result<Vec<IssuerSetting
     issuers.iter().map(issuer_settings).collect()
 }
 
+/// What the policy sees of a verified token.
+pub fn identity_of(token: &crate::identity::VerifiedToken) -> crate::policy::Identity {
+    crate::policy::Identity {
+        issuer: token.issuer.to_string(),
+        user: token.user.clone(),
+        groups: token.groups.clone(),
+        scopes: token.scopes.clone(),
+        claims: token.claims.clone(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;

@@ -35,6 +35,10 @@ pub fn audit_records() -> Vec<AuditRecord> {
     AUDIT.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
+/// The field naming the thread that emitted a record: tests running daemons in parallel tell
+/// theirs apart by it.
+const THREAD_FIELD: &str = "_thread";
+
 /// Waits until an audit record satisfies `pred`; returns it.
 pub fn wait_audit(
     what: &str,
@@ -81,6 +85,9 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for AuditCapture {
         }
         let mut fields = Fields(BTreeMap::new());
         event.record(&mut fields);
+        if let Some(name) = thread::current().name() {
+            fields.0.insert(THREAD_FIELD.to_owned(), name.to_owned());
+        }
         AUDIT
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -101,6 +108,8 @@ impl tracing::field::Visit for Fields {
 
 /// The daemon, running in a namespace; stopped (and joined) on drop.
 pub struct Daemon {
+    /// Name of the threads it runs on (see [`Daemon::wait_audit`]).
+    threads: String,
     admin_socket: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<thread::JoinHandle<Result<(), String>>>,
@@ -118,9 +127,13 @@ impl Daemon {
         }
         let admin_socket = config.admin.socket.clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        // The same name as the thread `spawn_in` makes, so every record it emits carries it.
+        let threads = format!("in-{}", ns.name());
+        let worker_name = threads.clone();
         let thread = ns.spawn_in(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
+                .thread_name(worker_name)
                 .enable_all()
                 .build()
                 .map_err(|e| e.to_string())?;
@@ -130,6 +143,7 @@ impl Daemon {
             .map_err(|e| e.to_string())
         });
         let mut daemon = Daemon {
+            threads,
             admin_socket,
             stop: Some(stop),
             thread: Some(thread),
@@ -156,6 +170,19 @@ impl Daemon {
             }
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Waits until an audit record of this daemon (not of one another test runs in parallel)
+    /// satisfies `pred`; returns it.
+    pub fn wait_audit(
+        &self,
+        what: &str,
+        within: Duration,
+        pred: impl Fn(&AuditRecord) -> bool,
+    ) -> Result<AuditRecord> {
+        wait_audit(what, within, |r| {
+            r.get(THREAD_FIELD) == Some(&self.threads) && pred(r)
+        })
     }
 
     /// The admin socket's path.

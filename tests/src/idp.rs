@@ -50,6 +50,10 @@ pub trait Issuer: Send + Sync {
     /// clients are fixed (a real provider) maps `user` to one of them and checks the groups.
     /// Blocking; call it from a thread that can reach the issuer.
     fn mint(&self, user: &str, groups: &[&str], ttl: Duration) -> Result<String>;
+    /// Rotates the signing key if this issuer can; `Ok(false)` if it cannot. Blocking.
+    fn rotate_keys(&self) -> Result<bool> {
+        Ok(false)
+    }
 }
 
 /// A CA whose certificates live in a temporary directory, deleted on drop.

@@ -54,6 +54,8 @@ pub struct OidcClient {
     pub scope: String,
     /// Access token lifetime.
     pub ttl: Duration,
+    /// The tokens' `preferred_username`, when set: lets several clients stand for one user.
+    pub username: Option<String>,
 }
 
 impl OidcClient {
@@ -65,7 +67,14 @@ impl OidcClient {
             groups: groups.iter().map(|g| (*g).to_owned()).collect(),
             scope: String::new(),
             ttl: Duration::from_secs(300),
+            username: None,
         }
+    }
+
+    /// The same client with a `preferred_username` claim in its tokens.
+    pub fn with_username(mut self, username: &str) -> Self {
+        self.username = Some(username.to_owned());
+        self
     }
 
     /// The same client with these scopes allowed.
@@ -167,6 +176,7 @@ impl OidcProvider {
                 "groups": c.groups,
                 "scope": c.scope,
                 "ttl": c.ttl.as_secs().max(1),
+                "username": c.username,
             })).collect::<Vec<_>>(),
         });
         std::fs::write(&clients_file, document.to_string())
@@ -397,6 +407,87 @@ fn form_encode(value: &str) -> String {
         }
     }
     out
+}
+
+/// The real provider as an [`Issuer`] for the session scenario: each (user, groups, lifetime) the
+/// scenario asks for is one configured client, whose tokens carry the user as
+/// `preferred_username` (the provider's `sub` is always the client id).
+pub struct OidcIssuer {
+    provider: Mutex<OidcProvider>,
+    issuer: String,
+    /// (user, groups, short-lived?) → client id.
+    clients: Vec<(String, Vec<String>, bool, String)>,
+}
+
+/// Tokens asked for with at most this lifetime come from the short-lived clients.
+const SHORT_TTL: Duration = Duration::from_secs(3);
+
+impl OidcIssuer {
+    /// Starts the provider (on `listen`, in `netns` if given) with a client per (user, groups),
+    /// each in a normal (5 minutes) and a short-lived ([`SHORT_TTL`]) variant.
+    pub fn start(listen: &str, netns: Option<&str>, users: &[(&str, &[&str])]) -> Result<Self> {
+        let mut clients = Vec::new();
+        let mut table = Vec::new();
+        for (user, groups) in users {
+            for short in [false, true] {
+                let id = format!("{user}{}", if short { "-short" } else { "" });
+                let mut client = OidcClient::new(&id, groups).with_username(user);
+                if short {
+                    client = client.with_ttl(SHORT_TTL);
+                }
+                clients.push(client);
+                let groups = groups.iter().map(|g| (*g).to_owned()).collect();
+                table.push(((*user).to_owned(), groups, short, id));
+            }
+        }
+        let options = ProviderOptions {
+            listen: listen.to_owned(),
+            netns: netns.map(str::to_owned),
+            ..ProviderOptions::loopback(clients)
+        };
+        let provider = OidcProvider::start(&options)?;
+        Ok(Self {
+            issuer: provider.issuer().to_owned(),
+            provider: Mutex::new(provider),
+            clients: table,
+        })
+    }
+}
+
+impl crate::idp::Issuer for OidcIssuer {
+    fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    fn config_toml(&self) -> String {
+        format!(
+            "[[issuers]]\nissuer = \"{}\"\naudiences = [\"{DEFAULT_AUDIENCE}\"]\n\
+             algorithms = [\"ES256\"]\nallow_http = true\nrequire_typ_at_jwt = true\n\
+             user_claim = \"preferred_username\"\ngroup_claims = [{{ path = \"groups\" }}]\n",
+            self.issuer
+        )
+    }
+
+    fn mint(&self, user: &str, groups: &[&str], ttl: Duration) -> Result<String> {
+        let short = ttl <= SHORT_TTL;
+        let (.., id) = self
+            .clients
+            .iter()
+            .find(|(u, g, s, _)| u == user && g.iter().eq(groups.iter()) && *s == short)
+            .with_context(|| format!("no client stands for {user} {groups:?} (short: {short})"))?;
+        self.provider
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .token(id)
+    }
+
+    fn rotate_keys(&self) -> Result<bool> {
+        self.provider
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .rotate()?;
+        Ok(true)
+    }
 }
 
 #[cfg(test)]

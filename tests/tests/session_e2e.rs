@@ -23,9 +23,10 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use hyper::Method;
 use idgate_tests::{
-    daemon::{Daemon, wait_audit},
+    daemon::Daemon,
     idp::{Issuer, TestCa, TestIdp, now_secs},
     netns::{NetNs, Pair, unique_id},
+    oidc::OidcIssuer,
     run::require_root,
 };
 use serde_json::Value;
@@ -200,6 +201,22 @@ fn tokens_open_and_close_the_protected_port() {
     scenario(&pair, &ca, &idp).unwrap_or_else(|e| panic!("{e:#}"));
 }
 
+/// The same flow against a real, independent OpenID provider (npm `oidc-provider` 9), run inside
+/// the server namespace: JWT access tokens by client credentials, groups claim, key rotation.
+#[test]
+fn oidc_provider_tokens_open_and_close_the_protected_port() {
+    require_root();
+    let pair = Pair::new().expect("namespaces");
+    let ca = TestCa::new().expect("test CA");
+    let idp = OidcIssuer::start(
+        "127.0.0.1:0",
+        Some(pair.srv.name()),
+        &[("alice", &["web"]), ("bob", &["sales"])],
+    )
+    .expect("oidc-provider");
+    scenario(&pair, &ca, &idp).unwrap_or_else(|e| panic!("{e:#}"));
+}
+
 /// The whole flow, for any issuer.
 fn scenario(pair: &Pair, ca: &TestCa, idp: &dyn Issuer) -> Result<()> {
     let srv = Pair::srv_addr(false);
@@ -244,7 +261,7 @@ fn scenario(pair: &Pair, ca: &TestCa, idp: &dyn Issuer) -> Result<()> {
     ensure!(body["services"][0]["decision"] == "allow", "{body}");
     ensure!(body["expires_at"].is_string(), "{body}");
     client.wait_reach(true, "after alice's login")?;
-    wait_audit("of alice's login", DEADLINE, |r| {
+    daemon.wait_audit("of alice's login", DEADLINE, |r| {
         r.get("event").map(String::as_str) == Some("login")
             && r.get("srcuser").map(String::as_str) == Some("alice")
             && r.get("action").map(String::as_str) == Some("allow")
@@ -257,7 +274,7 @@ fn scenario(pair: &Pair, ca: &TestCa, idp: &dyn Issuer) -> Result<()> {
     ensure!(body["services"][0]["decision"] == "deny", "{body}");
     ensure!(body["replaced"]["user"] == "alice", "{body}");
     client.wait_reach(false, "after bob's refused login")?;
-    wait_audit("of alice being replaced", DEADLINE, |r| {
+    daemon.wait_audit("of alice being replaced", DEADLINE, |r| {
         r.get("event").map(String::as_str) == Some("identity-replaced")
             && r.get("previous_user").map(String::as_str) == Some("alice")
     })?;
@@ -292,7 +309,7 @@ fn scenario(pair: &Pair, ca: &TestCa, idp: &dyn Issuer) -> Result<()> {
         closed_wall >= exp as f64 - 1.0,
         "closed at {closed_wall}, exp {exp}"
     );
-    wait_audit("of the expiry", DEADLINE, |r| {
+    daemon.wait_audit("of the expiry", DEADLINE, |r| {
         r.get("event").map(String::as_str) == Some("session-end")
             && r.get("session_end_reason").map(String::as_str) == Some("expired")
             && r.get("srcuser").map(String::as_str) == Some("alice")
@@ -315,14 +332,26 @@ fn scenario(pair: &Pair, ca: &TestCa, idp: &dyn Issuer) -> Result<()> {
     ensure!(status == 200, "revoke: {status} {body}");
     ensure!(body["removed"]["sources"] == 1, "{body}");
     client.wait_reach(false, "after revocation")?;
-    wait_audit("of the revocation", DEADLINE, |r| {
+    daemon.wait_audit("of the revocation", DEADLINE, |r| {
         r.get("session_end_reason").map(String::as_str) == Some("revoked")
     })?;
     // Refused flows reach the audit trail (rate-limited), named by reason.
-    wait_audit("of a refused flow", DEADLINE, |r| {
+    daemon.wait_audit("of a refused flow", DEADLINE, |r| {
         r.get("event").map(String::as_str) == Some("flow")
             && r.get("action").map(String::as_str) == Some("deny")
     })?;
+
+    // The IdP rotates its signing key: a token under the new key still opens the port (the
+    // daemon fetches the key set again on the unknown kid).
+    if pair.srv.run_in(|| idp.rotate_keys())? {
+        let rotated = mint("alice", &["web"], 300)?;
+        let (status, body) = client.login(&rotated)?;
+        ensure!(
+            status == 200,
+            "token under the rotated key: {status} {body}"
+        );
+        client.wait_reach(true, "after the login under the rotated key")?;
+    }
 
     // Shutdown detaches (the port is no longer protected) and removes the admin socket.
     let socket_path = daemon.admin_socket().to_owned();

@@ -29,7 +29,7 @@ use super::{ApiError, App, HttpResponse, client_addr::client_address, error, jso
 use crate::{
     config::SessionEndpointConfig,
     identity::{VerifiedToken, VerifyError, bearer_token},
-    policy::{Action, Identity, MatchedRule, ServiceDecision},
+    policy::{Action, MatchedRule, ServiceDecision},
     session::{
         LoginOutcome, NewIdentity, SessionError, TableError,
         audit::{self, AuditEvent},
@@ -444,13 +444,7 @@ struct LoginAnswer<'a> {
 }
 
 fn login_response(app: &App, src: IpAddr, token: &VerifiedToken) -> HttpResponse {
-    let identity = Identity {
-        issuer: token.issuer.to_string(),
-        user: token.user.clone(),
-        groups: token.groups.clone(),
-        scopes: token.scopes.clone(),
-        claims: token.claims.clone(),
-    };
+    let identity = crate::wiring::identity_of(token);
     let decisions = app.policy.evaluate(&identity, src);
     let who = NewIdentity {
         issuer: identity.issuer.clone(),

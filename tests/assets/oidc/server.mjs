@@ -12,7 +12,8 @@
 //   { "audience": "api://idgate",
 //     "clients": [ { "client_id": "alice", "client_secret": "s3cret", "groups": ["eng"],
 //                    "scope": "ssh", "ttl": 300 } ] }
-// `groups`, `scope` (space-separated) and `ttl` (seconds, default 300) are optional.
+// `groups`, `scope` (space-separated), `ttl` (seconds, default 300) and `username` (put in the
+// token as `preferred_username`, so several clients can stand for one user) are optional.
 //
 // Lines on stdout a harness can wait for (anything else there is the library's chatter):
 //   KEY <kid>        the signing key at start
@@ -95,6 +96,7 @@ function readClients(file) {
       groups: c.groups ?? [],
       scope: c.scope ?? '',
       ttl,
+      username: c.username,
     });
   }
   return { audience, byId };
@@ -158,7 +160,10 @@ function providerFor(issuer, keys, clients, alg) {
     // The groups claim, per client; oidc-provider merges these into the JWT payload.
     extraTokenClaims: async (_ctx, token) => {
       const client = byId.get(token.clientId);
-      return client ? { groups: client.groups } : undefined;
+      if (!client) return undefined;
+      return client.username === undefined
+        ? { groups: client.groups }
+        : { groups: client.groups, preferred_username: client.username };
     },
     ttl: {
       // Per client, so one client can have tokens that expire within a test.
