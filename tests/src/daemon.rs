@@ -8,8 +8,12 @@
 
 use std::{
     collections::BTreeMap,
+    net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
-    sync::{Mutex, Once},
+    sync::{
+        Arc, Mutex, Once,
+        atomic::{AtomicBool, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -20,7 +24,10 @@ use idgate::config::Config;
 use serde_json::Value;
 use tracing_subscriber::{Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _};
 
-use crate::netns::NetNs;
+use crate::{
+    idp::{Issuer, ServerCert},
+    netns::{NetNs, Pair},
+};
 
 /// How long start-up (load, attach, first key fetch) may take.
 pub const START_DEADLINE: Duration = Duration::from_secs(30);
@@ -230,4 +237,93 @@ impl Drop for Daemon {
             eprintln!("idgate ended with an error: {e}");
         }
     }
+}
+
+/// The protected port of [`config`].
+pub const PROTECTED: u16 = 8000;
+/// The session endpoint's port in [`config`].
+pub const ENDPOINT: u16 = 8443;
+
+/// A TCP server answering `hello\n` to every connection; stops on drop.
+pub struct Hello {
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Hello {
+    /// Listens on `addr` inside `ns` and answers until dropped.
+    pub fn start(ns: &NetNs, addr: SocketAddr) -> Result<Hello> {
+        let listener = ns.run_in(|| TcpListener::bind(addr))?;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut c, _)) => {
+                        use std::io::Write as _;
+                        let _ = c.set_nonblocking(false);
+                        let _ = c.write_all(b"hello\n");
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Ok(Hello {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Hello {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The daemon's configuration for a [`Pair`]: native XDP on the server's veth, tcp/[`PROTECTED`]
+/// protected with `drop`, the session endpoint on [`ENDPOINT`], one rule allowing group `web`.
+pub fn config(pair: &Pair, issuer: &dyn Issuer, cert: &ServerCert, socket: &Path) -> String {
+    format!(
+        r#"
+[dataplane]
+interfaces = [{{ name = "{iface}", mode = "xdp" }}]
+max_session_lifetime = "1h"
+
+[[services]]
+name = "fastapi"
+protocol = "tcp"
+port = {PROTECTED}
+action = "drop"
+
+{issuer}
+[session_endpoint]
+listen = "{srv}:{ENDPOINT}"
+tls_cert = "{cert}"
+tls_key = "{key}"
+
+[admin]
+socket = "{socket}"
+
+[policy]
+default = "drop"
+
+[[policy.rules]]
+name = "web-users"
+sources = ["group:web"]
+services = ["fastapi"]
+action = "allow"
+max_session_lifetime = "30m"
+"#,
+        iface = pair.srv_if,
+        issuer = issuer.config_toml(),
+        srv = Pair::srv_addr(false),
+        cert = cert.cert.display(),
+        key = cert.key.display(),
+        socket = socket.display(),
+    )
 }

@@ -10,12 +10,7 @@
 
 use std::{
     io::Read as _,
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
-    path::Path,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    net::{IpAddr, SocketAddr, TcpStream},
     thread,
     time::{Duration, Instant},
 };
@@ -23,7 +18,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use hyper::Method;
 use idgate_tests::{
-    daemon::Daemon,
+    daemon::{Daemon, ENDPOINT, Hello, PROTECTED, config},
     idp::{Issuer, TestCa, TestIdp, now_secs},
     netns::{NetNs, Pair, unique_id},
     oidc::OidcIssuer,
@@ -31,54 +26,10 @@ use idgate_tests::{
 };
 use serde_json::Value;
 
-/// The protected port.
-const PROTECTED: u16 = 8000;
-/// The session endpoint's port.
-const ENDPOINT: u16 = 8443;
 /// A connect that gets no answer within this counts as blocked (the service drops).
 const BLOCKED_WAIT: Duration = Duration::from_millis(400);
 /// Upper bound of any poll.
 const DEADLINE: Duration = Duration::from_secs(10);
-
-/// A TCP server answering `hello\n` to every connection; stops on drop.
-struct Hello {
-    stop: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl Hello {
-    fn start(ns: &NetNs, addr: SocketAddr) -> Result<Hello> {
-        let listener = ns.run_in(|| TcpListener::bind(addr))?;
-        listener.set_nonblocking(true)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = thread::spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut c, _)) => {
-                        use std::io::Write as _;
-                        let _ = c.set_nonblocking(false);
-                        let _ = c.write_all(b"hello\n");
-                    }
-                    Err(_) => thread::sleep(Duration::from_millis(5)),
-                }
-            }
-        });
-        Ok(Hello {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for Hello {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 /// The client's view: the protected port and the session endpoint, from the client namespace.
 struct Client<'a> {
@@ -142,53 +93,6 @@ impl Client<'_> {
     fn login(&self, token: &str) -> Result<(u16, Value)> {
         self.call(reqwest::Method::POST, Some(token))
     }
-}
-
-/// The daemon's configuration for this topology.
-fn config(
-    pair: &Pair,
-    issuer: &dyn Issuer,
-    cert: &idgate_tests::idp::ServerCert,
-    socket: &Path,
-) -> String {
-    format!(
-        r#"
-[dataplane]
-interfaces = [{{ name = "{iface}", mode = "xdp" }}]
-max_session_lifetime = "1h"
-
-[[services]]
-name = "fastapi"
-protocol = "tcp"
-port = {PROTECTED}
-action = "drop"
-
-{issuer}
-[session_endpoint]
-listen = "{srv}:{ENDPOINT}"
-tls_cert = "{cert}"
-tls_key = "{key}"
-
-[admin]
-socket = "{socket}"
-
-[policy]
-default = "drop"
-
-[[policy.rules]]
-name = "web-users"
-sources = ["group:web"]
-services = ["fastapi"]
-action = "allow"
-max_session_lifetime = "30m"
-"#,
-        iface = pair.srv_if,
-        issuer = issuer.config_toml(),
-        srv = Pair::srv_addr(false),
-        cert = cert.cert.display(),
-        key = cert.key.display(),
-        socket = socket.display(),
-    )
 }
 
 #[test]
