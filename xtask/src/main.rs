@@ -51,6 +51,12 @@ enum Bench {
         #[arg(long)]
         smoke: bool,
     },
+    /// Token verifications per second against bare jsonwebtoken, and login → first SYN latency.
+    Auth {
+        /// Fewer repetitions: checks the harness runs, measures little.
+        #[arg(long)]
+        smoke: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -87,22 +93,15 @@ fn main() -> Result<()> {
         Task::Bench { which } => {
             setup::run(&root)?;
             require_root("benchmarks load BPF programs")?;
-            match which {
-                Bench::Verdict { smoke } => {
-                    let mut cmd = vec![
-                        "run",
-                        "--release",
-                        "-p",
-                        "idgate-tests",
-                        "--bin",
-                        "bench-verdict",
-                    ];
-                    if smoke {
-                        cmd.extend(["--", "--smoke"]);
-                    }
-                    cargo(&cmd)
-                }
+            let (bin, smoke) = match which {
+                Bench::Verdict { smoke } => ("bench-verdict", smoke),
+                Bench::Auth { smoke } => ("bench-auth", smoke),
+            };
+            let mut cmd = vec!["run", "--release", "-p", "idgate-tests", "--bin", bin];
+            if smoke {
+                cmd.extend(["--", "--smoke"]);
             }
+            cargo(&cmd)
         }
         Task::Lint => lint(&root),
     }
