@@ -149,7 +149,10 @@ async fn a_verified_token_is_explained_per_service() {
     let (code, stdout, stderr) = explain(&dir, &issuer, &bob);
     assert_eq!(code, 0, "stderr: {stderr}");
     assert_ne!(stdout, "", "an explanation for bob");
-    assert!(stdout.contains("bob") && !stdout.contains("\"alice\""), "{stdout}");
+    assert!(
+        stdout.contains("bob") && !stdout.contains("\"alice\""),
+        "{stdout}"
+    );
 
     // A tampered token is refused with its reason, and nothing is explained.
     let mut tampered = alice.clone();
