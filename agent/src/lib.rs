@@ -10,6 +10,7 @@ pub mod dataplane;
 pub mod devidp;
 pub mod exit;
 pub mod identity;
+pub mod metrics;
 pub mod policy;
 pub mod runtime;
 pub mod session;

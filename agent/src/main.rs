@@ -42,6 +42,13 @@ enum Command {
     Sessions(idgate::runtime::cli::SessionsArgs),
     /// Show who is logged in from an address (through the admin socket).
     Whois(idgate::runtime::cli::WhoisArgs),
+    /// End pinned enforcement: detach every pinned link and remove the pin directory (sessions
+    /// included). For after `idgate run` has stopped, or to clear an incompatible layout.
+    Cleanup {
+        /// The pin directory (`[dataplane] pin_dir`).
+        #[arg(long, default_value = idgate::dataplane::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -124,6 +131,19 @@ fn main() -> ExitCode {
         Command::Run(args) => idgate::runtime::cli::run(args),
         Command::Sessions(args) => idgate::runtime::cli::sessions(args),
         Command::Whois(args) => idgate::runtime::cli::whois(args),
+        Command::Cleanup { pin_dir } => match idgate::dataplane::cleanup(&pin_dir) {
+            Ok(detached) => {
+                for l in &detached {
+                    println!("detached {l}");
+                }
+                println!("removed {}", pin_dir.display());
+                exit::OK
+            }
+            Err(e) => {
+                eprintln!("error: cleanup of {}: {e}", pin_dir.display());
+                exit::FAILURE
+            }
+        },
     })
 }
 

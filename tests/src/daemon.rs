@@ -293,6 +293,7 @@ pub fn config(pair: &Pair, issuer: &dyn Issuer, cert: &ServerCert, socket: &Path
 [dataplane]
 interfaces = [{{ name = "{iface}", mode = "xdp" }}]
 max_session_lifetime = "1h"
+pin_dir = ""
 
 [[services]]
 name = "fastapi"

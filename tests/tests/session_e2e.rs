@@ -30,6 +30,69 @@ use serde_json::Value;
 const BLOCKED_WAIT: Duration = Duration::from_millis(400);
 /// Upper bound of any poll.
 const DEADLINE: Duration = Duration::from_secs(10);
+/// The daemon's metrics address, on the server namespace's loopback.
+const METRICS: &str = "127.0.0.1:9464";
+
+/// One plain HTTP/1.0 GET from a thread in `ns`: status and body.
+fn http_get(ns: &NetNs, addr: &str, path: &str) -> Result<(u16, String)> {
+    use std::io::Write as _;
+    let addr: SocketAddr = addr.parse()?;
+    ns.run_in(|| -> Result<(u16, String)> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        let (head, body) = text.split_once("\r\n\r\n").context("no header end")?;
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .context("no status")?;
+        Ok((status, body.to_owned()))
+    })
+}
+
+/// The value of one series (`name{labels}` exactly as exposed) in a scrape.
+fn series(scrape: &str, name: &str) -> Result<f64> {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .with_context(|| format!("no series {name} in\n{scrape}"))?
+        .parse()
+        .context("not a number")
+}
+
+/// Every line of the audit file, each parsed as a JSON object.
+fn audit_lines(path: &std::path::Path) -> Result<Vec<Value>> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).with_context(|| format!("not JSON: {l:?}"))?;
+            ensure!(v.is_object(), "not an object: {l}");
+            ensure!(v["time"].is_string() && v["event"].is_string(), "{l}");
+            Ok(v)
+        })
+        .collect()
+}
+
+/// Waits until a line of the audit file satisfies `pred`; returns it.
+fn wait_audit_line(
+    path: &std::path::Path,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Result<Value> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = audit_lines(path)?.into_iter().find(|v| pred(v)) {
+            return Ok(v);
+        }
+        if start.elapsed() > DEADLINE {
+            bail!("no audit line {what} in {}", path.display());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
 
 /// The client's view: the protected port and the session endpoint, from the client namespace.
 struct Client<'a> {
@@ -141,8 +204,18 @@ fn scenario(pair: &Pair, ca: &TestCa, idp: &dyn Issuer) -> Result<()> {
             .run_in(|| idp.mint(user, groups, Duration::from_secs(ttl)))
     };
 
+    // Metrics on the server namespace's loopback, the audit stream to a file.
+    let audit_file = ca.dir().join(format!("audit-{}.jsonl", unique_id()));
+    let toml = config(pair, idp, &cert, &socket).replacen(
+        "[admin]\n",
+        &format!("[admin]\nmetrics = \"{METRICS}\"\n"),
+        1,
+    ) + &format!(
+        "\n[audit]\noutput = \"file\"\npath = \"{}\"\n",
+        audit_file.display()
+    );
     let started = Instant::now();
-    let daemon = Daemon::start(&pair.srv, &config(pair, idp, &cert, &socket))?;
+    let daemon = Daemon::start(&pair.srv, &toml)?;
     eprintln!("daemon ready in {:?}", started.elapsed());
     let mode = std::fs::metadata(daemon.admin_socket())?.permissions();
     ensure!(
@@ -171,6 +244,74 @@ fn scenario(pair: &Pair, ca: &TestCa, idp: &dyn Issuer) -> Result<()> {
             && r.get("action").map(String::as_str) == Some("allow")
     })?;
 
+    // Metrics: live, ready, the login, the session and the packets it let through.
+    ensure!(http_get(&pair.srv, METRICS, "/live")?.0 == 200, "/live");
+    ensure!(http_get(&pair.srv, METRICS, "/ready")?.0 == 200, "/ready");
+    let (status, scrape) = http_get(&pair.srv, METRICS, "/metrics")?;
+    ensure!(status == 200, "/metrics: {status}");
+    ensure!(
+        series(
+            &scrape,
+            r#"idgate_logins_total{result="ok",reason="allowed"}"#
+        )? >= 1.0,
+        "{scrape}"
+    );
+    ensure!(
+        series(&scrape, "idgate_active_sessions")? == 1.0,
+        "{scrape}"
+    );
+    ensure!(
+        series(
+            &scrape,
+            r#"idgate_packets_total{service="fastapi",reason="session"}"#
+        )? > 0.0,
+        "{scrape}"
+    );
+    ensure!(
+        series(
+            &scrape,
+            r#"idgate_bytes_total{service="fastapi",reason="session"}"#
+        )? > 0.0,
+        "{scrape}"
+    );
+    ensure!(series(&scrape, "idgate_reloads_total")? == 0.0, "{scrape}");
+    ensure!(
+        scrape.contains(&format!(
+            "idgate_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{scrape}"
+    );
+    ensure!(!scrape.contains("alice"), "a user in the metrics: {scrape}");
+
+    // The audit stream: the login, field by field.
+    let login = wait_audit_line(&audit_file, "of alice's login", |v| {
+        v["event"] == "login" && v["srcuser"] == "alice"
+    })?;
+    ensure!(login["src"] == cli_addr.to_string(), "{login}");
+    ensure!(login["issuer"] == idp.issuer(), "{login}");
+    ensure!(login["groups"] == serde_json::json!(["web"]), "{login}");
+    ensure!(login["app"] == "fastapi", "{login}");
+    ensure!(login["proto"] == "tcp", "{login}");
+    ensure!(login["dport"] == PROTECTED, "{login}");
+    ensure!(login["action"] == "allow", "{login}");
+    ensure!(login["rule"] == "web-users", "{login}");
+    ensure!(
+        login["rule_id"].as_u64().is_some_and(|id| id > 0),
+        "{login}"
+    );
+    ensure!(login["identity_id"].as_u64().is_some(), "{login}");
+    ensure!(
+        login["expires"].as_str().is_some_and(|e| e.ends_with('Z')),
+        "{login}"
+    );
+    ensure!(
+        login["time"]
+            .as_str()
+            .is_some_and(|t| t.len() == 24 && t.ends_with('Z')),
+        "{login}"
+    );
+
     // A token whose groups the policy refuses: 403, and the address is no longer alice's.
     let bob = mint("bob", &["sales"], 300)?;
     let (status, body) = client.login(&bob)?;
@@ -196,6 +337,32 @@ fn scenario(pair: &Pair, ca: &TestCa, idp: &dyn Issuer) -> Result<()> {
     ensure!(status == 200, "logout: {status} {body}");
     ensure!(body["removed"]["sessions"] == 1, "{body}");
     client.wait_reach(false, "after logout")?;
+    let end = wait_audit_line(&audit_file, "of the logout", |v| {
+        v["event"] == "session-end" && v["session_end_reason"] == "logout"
+    })?;
+    ensure!(end["src"] == cli_addr.to_string(), "{end}");
+    ensure!(end["srcuser"] == "alice", "{end}");
+    ensure!(end["issuer"] == idp.issuer(), "{end}");
+    ensure!(end["app"] == "fastapi", "{end}");
+    ensure!(end["proto"] == "tcp", "{end}");
+    ensure!(end["dport"] == PROTECTED, "{end}");
+    ensure!(end["rule"] == "web-users", "{end}");
+    ensure!(end["rule_id"] == login["rule_id"], "{end}");
+    ensure!(end["identity_id"].as_u64().is_some(), "{end}");
+    let failed = wait_audit_line(&audit_file, "of the bad token", |v| {
+        v["event"] == "login-failed"
+    })?;
+    ensure!(
+        failed["src"] == cli_addr.to_string() && failed["status"] == 401,
+        "{failed}"
+    );
+    ensure!(failed["reason"].is_string(), "{failed}");
+    let mode = std::fs::metadata(&audit_file)?.permissions();
+    ensure!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777 == 0o640,
+        "audit file mode {:o}",
+        std::os::unix::fs::PermissionsExt::mode(&mode)
+    );
 
     // A token that expires in a few seconds stops working then, with no further call.
     let exp = now_secs() + 3;
@@ -261,6 +428,8 @@ fn scenario(pair: &Pair, ca: &TestCa, idp: &dyn Issuer) -> Result<()> {
     let socket_path = daemon.admin_socket().to_owned();
     daemon.stop()?;
     ensure!(!socket_path.exists(), "admin socket left behind");
+    // Every line written was one JSON object.
+    ensure!(!audit_lines(&audit_file)?.is_empty());
     client.wait_reach(true, "after shutdown (detached)")?;
     Ok(())
 }

@@ -29,12 +29,9 @@ use super::{ApiError, App, HttpResponse, client_addr::client_address, error, jso
 use crate::{
     config::SessionEndpointConfig,
     identity::{VerifiedToken, VerifyError, bearer_token},
+    metrics::LoginResult,
     policy::{Action, MatchedRule, ServiceDecision},
-    session::{
-        LoginOutcome, NewIdentity, SessionError, TableError,
-        audit::{self, AuditEvent},
-        rfc3339,
-    },
+    session::{LoginOutcome, NewIdentity, SessionError, TableError, audit::AuditEvent, rfc3339},
 };
 
 /// The path of both operations.
@@ -177,7 +174,7 @@ where
         Ok(a) => a,
         Err(e) => {
             // The proxy's fault, not the client's: nothing is counted against anyone.
-            audit_failure(peer_ip, None, "bad_forwarded_for", 400);
+            audit_failure(app, peer_ip, None, "bad_forwarded_for", 400);
             return error(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
@@ -218,6 +215,7 @@ where
         // Not audited: the failures that exhausted the budget were, and a client hammering the
         // endpoint must not be able to flood the audit trail.
         tracing::debug!(%src, "login refused: rate limited");
+        app.metrics.login(LoginResult::Failed, "rate_limited");
         let secs = wait.as_secs() + 1;
         let mut r = error(
             StatusCode::TOO_MANY_REQUESTS,
@@ -349,8 +347,9 @@ where
     }
 }
 
-fn audit_failure(src: IpAddr, peer: Option<IpAddr>, reason: &str, status: u16) {
-    audit::record(&AuditEvent::LoginFailed {
+fn audit_failure(app: &App, src: IpAddr, peer: Option<IpAddr>, reason: &str, status: u16) {
+    app.metrics.login(LoginResult::Failed, reason);
+    app.audit.record(&AuditEvent::LoginFailed {
         src,
         peer,
         reason,
@@ -367,7 +366,7 @@ fn failed(
     reason: &str,
 ) -> HttpResponse {
     app.limiter().failure(src, Instant::now());
-    audit_failure(src, via, reason, response.status().as_u16());
+    audit_failure(app, src, via, reason, response.status().as_u16());
     response
 }
 
@@ -375,7 +374,7 @@ fn failed(
 /// (not the client's fault, so not counted against it).
 fn refused(app: &App, src: IpAddr, via: Option<IpAddr>, e: &VerifyError) -> HttpResponse {
     if e.http_status() == 503 {
-        audit_failure(src, via, e.reason(), 503);
+        audit_failure(app, src, via, e.reason(), 503);
         let mut r = error(
             StatusCode::SERVICE_UNAVAILABLE,
             "temporarily_unavailable",
@@ -456,6 +455,7 @@ fn login_response(app: &App, src: IpAddr, token: &VerifiedToken) -> HttpResponse
     match outcome {
         Ok(o) => login_answer(app, src, token, &decisions, &o),
         Err(SessionError::Table(TableError::Full { capacity })) => {
+            app.metrics.login(LoginResult::Error, "sessions_full");
             tracing::error!(capacity, "the sessions map is full; login refused");
             error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -465,6 +465,7 @@ fn login_response(app: &App, src: IpAddr, token: &VerifiedToken) -> HttpResponse
             )
         }
         Err(e) => {
+            app.metrics.login(LoginResult::Error, "dataplane_error");
             tracing::error!(%src, error = %e, "installing sessions failed; the source was cleared");
             error(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -504,6 +505,11 @@ fn login_answer(
         })
         .collect();
     let any_allowed = services.iter().any(|s| s.decision == "allow");
+    if any_allowed {
+        app.metrics.login(LoginResult::Ok, "allowed");
+    } else {
+        app.metrics.login(LoginResult::Denied, "no_service_allowed");
+    }
     let answer = LoginAnswer {
         error: (!any_allowed).then_some("no_service_allowed"),
         source: src,

@@ -31,8 +31,9 @@ use thiserror::Error;
 
 use crate::{
     identity::Verifier,
+    metrics::Metrics,
     policy::Policy,
-    session::{Catalog, FailureLimiter, SessionManager},
+    session::{Catalog, FailureLimiter, SessionManager, audit::AuditLog},
 };
 
 /// A response with a complete body.
@@ -121,6 +122,10 @@ pub struct App {
     pub trusted_proxies: Vec<IpNet>,
     /// The endpoint's limits.
     pub limits: Limits,
+    /// Login outcomes and readiness, for the metrics endpoint.
+    pub metrics: Arc<Metrics>,
+    /// The audit trail (the same one the session manager records to).
+    pub audit: AuditLog,
 }
 
 impl std::fmt::Debug for App {

@@ -135,6 +135,8 @@ async fn app_for(idp: &TestIdp, fetch_keys: bool) -> (App, Map) {
         )),
         trusted_proxies: ep.trusted_proxies.clone(),
         limits: Limits::for_tokens(16 * 1024),
+        metrics: Default::default(),
+        audit: Default::default(),
     };
     (app, map)
 }

@@ -123,6 +123,8 @@ pub struct Config {
     pub session_endpoint: SessionEndpointConfig,
     /// `[admin]`: the local control socket and metrics.
     pub admin: AdminConfig,
+    /// `[audit]`: where the JSON audit stream goes.
+    pub audit: AuditConfig,
     /// `[policy]`: the default action and the ordered rules.
     pub policy: PolicyConfig,
 }
@@ -140,6 +142,9 @@ pub struct DataplaneConfig {
     pub events_per_sec: u64,
     /// Burst of events each CPU may emit.
     pub events_burst: u64,
+    /// Where maps, programs and links are pinned (`pin_dir`, default `/sys/fs/bpf/idgate`;
+    /// `""` pins nothing, and enforcement then ends with the agent).
+    pub pin_dir: Option<PathBuf>,
 }
 
 impl DataplaneConfig {
@@ -149,6 +154,7 @@ impl DataplaneConfig {
             max_sessions: self.max_sessions,
             events_per_sec: self.events_per_sec,
             events_burst: self.events_burst,
+            pin_dir: self.pin_dir.clone(),
         }
     }
 }
@@ -251,6 +257,18 @@ pub struct AdminConfig {
     pub socket: PathBuf,
     /// Metrics listen address (loopback only); `None` disables metrics.
     pub metrics: Option<SocketAddr>,
+}
+
+/// `[audit]`: where the audit stream (JSON lines) goes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum AuditConfig {
+    /// Standard output (the default; diagnostic logs go to standard error).
+    #[default]
+    Stdout,
+    /// Appended to this file (created with mode 0640, reopened after a failed write).
+    File(PathBuf),
+    /// The systemd journal's native socket.
+    Journald,
 }
 
 /// `[policy]`.

@@ -16,9 +16,9 @@ use ipnet::IpNet;
 use toml::de::DeTable;
 
 use super::{
-    ALGORITHMS, AdminConfig, Config, ConfigErrors, DEFAULT_ADMIN_SOCKET, DataplaneConfig,
-    Diagnostic, GroupClaim, GroupClaimFormat, InterfaceConfig, IssuerConfig, PolicyConfig,
-    ServiceConfig, SessionEndpointConfig, TlsFiles, format_duration, parse_duration,
+    ALGORITHMS, AdminConfig, AuditConfig, Config, ConfigErrors, DEFAULT_ADMIN_SOCKET,
+    DataplaneConfig, Diagnostic, GroupClaim, GroupClaimFormat, InterfaceConfig, IssuerConfig,
+    PolicyConfig, ServiceConfig, SessionEndpointConfig, TlsFiles, format_duration, parse_duration,
     reader::{Diags, Table, Val, join},
 };
 use crate::{
@@ -62,6 +62,10 @@ pub(super) fn parse(src: &str) -> Result<(Config, Vec<Diagnostic>), ConfigErrors
         }),
         Some(v) => v.table(&mut d).and_then(|t| read_admin(t, &mut d)),
     };
+    let audit = match root.get("audit") {
+        None => Some(AuditConfig::Stdout),
+        Some(v) => v.table(&mut d).and_then(|t| read_audit(t, &mut d)),
+    };
     let lifetime = dataplane
         .as_ref()
         .map_or(DEFAULT_MAX_SESSION_LIFETIME, |p| p.max_session_lifetime);
@@ -87,7 +91,7 @@ pub(super) fn parse(src: &str) -> Result<(Config, Vec<Diagnostic>), ConfigErrors
         services.valid,
         issuers.valid,
         session_endpoint,
-        admin,
+        (admin, audit),
         policy,
     ) {
         (
@@ -95,7 +99,7 @@ pub(super) fn parse(src: &str) -> Result<(Config, Vec<Diagnostic>), ConfigErrors
             Some(services),
             Some(issuers),
             Some(session_endpoint),
-            Some(admin),
+            (Some(admin), Some(audit)),
             Some(p),
         ) if d.errors.is_empty() => {
             let Some(default) = p.default else {
@@ -107,6 +111,7 @@ pub(super) fn parse(src: &str) -> Result<(Config, Vec<Diagnostic>), ConfigErrors
                 issuers,
                 session_endpoint,
                 admin,
+                audit,
                 policy: PolicyConfig {
                     default,
                     rules: p.rules.into_iter().map(|r| r.rule).collect(),
@@ -275,6 +280,14 @@ fn read_dataplane(mut t: Table<'_, '_>, d: &mut Diags<'_>) -> Option<DataplaneCo
     let burst = or_default(t.get("events_burst"), 400, |v| {
         v.int(d, 0, idgate_common::MAX_EVENT_BURST as i64)
     });
+    let pin_dir = or_default(
+        t.get("pin_dir"),
+        Some(PathBuf::from(crate::dataplane::DEFAULT_PIN_DIR)),
+        |v| match v.str(d)? {
+            "" => Some(None),
+            _ => absolute_path(&v, d).map(Some),
+        },
+    );
     t.finish(d);
     Some(DataplaneConfig {
         interfaces: interfaces?,
@@ -282,6 +295,7 @@ fn read_dataplane(mut t: Table<'_, '_>, d: &mut Diags<'_>) -> Option<DataplaneCo
         max_session_lifetime: lifetime?,
         events_per_sec: u64::try_from(per_sec?).ok()?,
         events_burst: u64::try_from(burst?).ok()?,
+        pin_dir: pin_dir?,
     })
 }
 
@@ -802,6 +816,31 @@ fn read_admin(mut t: Table<'_, '_>, d: &mut Diags<'_>) -> Option<AdminConfig> {
         socket: socket?,
         metrics: metrics?,
     })
+}
+
+fn read_audit(mut t: Table<'_, '_>, d: &mut Diags<'_>) -> Option<AuditConfig> {
+    const OUTPUTS: [&str; 3] = ["stdout", "file", "journald"];
+    let output = or_default(t.get("output"), 0, |v| v.choice(d, &OUTPUTS));
+    let path_val = t.get("path");
+    let path = path_val.as_ref().map(|v| absolute_path(v, d));
+    let span = t.span();
+    let at = join(t.path(), "path");
+    t.finish(d);
+    match (output?, path) {
+        (1, Some(p)) => Some(AuditConfig::File(p?)),
+        (1, None) => {
+            d.error(&at, Some(span), "output = \"file\" needs a path");
+            None
+        }
+        (_, Some(_)) => {
+            if let Some(v) = &path_val {
+                v.error(d, "path is only for output = \"file\"");
+            }
+            None
+        }
+        (0, None) => Some(AuditConfig::Stdout),
+        (_, None) => Some(AuditConfig::Journald),
+    }
 }
 
 /// Refuses protecting the session endpoint's own port: nobody could present a token to open it.

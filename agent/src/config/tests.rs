@@ -412,6 +412,43 @@ fn metrics_must_be_on_loopback() {
 }
 
 #[test]
+fn audit_output_is_stdout_file_or_journald() {
+    let (c, _) = ok(&format!("{BASE}{ALLOW_ALL_USERS}"));
+    assert_eq!(c.audit, AuditConfig::Stdout);
+    let with = |audit: &str| format!("{BASE}{ALLOW_ALL_USERS}\n[audit]\n{audit}\n");
+    let (c, _) = ok(&with(
+        "output = \"file\"\npath = \"/var/log/idgate/audit.jsonl\"",
+    ));
+    assert_eq!(
+        c.audit,
+        AuditConfig::File(PathBuf::from("/var/log/idgate/audit.jsonl"))
+    );
+    let (c, _) = ok(&with("output = \"journald\""));
+    assert_eq!(c.audit, AuditConfig::Journald);
+    assert_has(
+        &errors(&with("output = \"file\"")),
+        "audit.path",
+        "needs a path",
+    );
+    assert_has(
+        &errors(&with("output = \"stdout\"\npath = \"/tmp/x\"")),
+        "audit.path",
+        "only for output = \"file\"",
+    );
+    assert_has(
+        &errors(&with("output = \"file\"\npath = \"audit.jsonl\"")),
+        "audit.path",
+        "absolute path",
+    );
+    assert_has(
+        &errors(&with("output = \"syslog\"")),
+        "audit.output",
+        "expected one of",
+    );
+    assert_has(&errors(&with("format = \"json\"")), "audit.format", "");
+}
+
+#[test]
 fn the_default_action_must_be_explicit_and_not_allow() {
     let src = replace(
         &format!("{BASE}{ALLOW_ALL_USERS}"),

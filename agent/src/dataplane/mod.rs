@@ -5,6 +5,7 @@
 //! validates its whole input before touching a map, so bad input changes nothing.
 
 mod events;
+mod pin;
 #[expect(
     unsafe_code,
     reason = "raw bpf(2) batch commands and clock_gettime; SAFETY notes inside"
@@ -17,6 +18,7 @@ use std::{
     io,
     net::IpAddr,
     os::fd::AsFd,
+    path::{Path, PathBuf},
 };
 
 use aya::{
@@ -25,13 +27,19 @@ use aya::{
         Array, HashMap, IterableMap, MapData, MapError, PerCpuArray, RingBuf,
         lpm_trie::{Key, LpmTrie},
     },
-    programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, links::FdLink},
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
+    },
 };
 use idgate_common::{self as common, Reason};
 use ipnet::IpNet;
 use thiserror::Error;
 
 pub use events::{AsyncEventReader, DataplaneEvent, EventKind, EventReader};
+pub use pin::{DEFAULT_PIN_DIR, cleanup};
 pub use types::{
     CidrAction, CidrRule, Count, EventStats, Expiry, Protocol, Service, ServiceAction,
     ServiceCounters, ServiceId, Session, addr_from_kernel, addr_to_kernel,
@@ -167,7 +175,7 @@ impl std::fmt::Display for Attached {
 }
 
 /// Load-time settings.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct LoadOptions {
     /// Capacity of the sessions map (preallocated).
     pub max_sessions: u32,
@@ -175,6 +183,13 @@ pub struct LoadOptions {
     pub events_per_sec: u64,
     /// Burst of events each CPU may emit.
     pub events_burst: u64,
+    /// Where to pin maps, programs and links (on bpffs), or `None` for nothing pinned.
+    ///
+    /// Pinned, enforcement outlives the data plane: dropping it (or the agent dying) leaves the
+    /// programs attached, and the next load with the same directory reuses the maps (sessions
+    /// survive) and swaps the new programs in atomically (`BPF_LINK_UPDATE`). [`cleanup`] ends
+    /// it. Unpinned, dropping the data plane detaches everything.
+    pub pin_dir: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -183,6 +198,7 @@ impl Default for LoadOptions {
             max_sessions: common::DEFAULT_MAX_SESSIONS,
             events_per_sec: 200,
             events_burst: 400,
+            pin_dir: None,
         }
     }
 }
@@ -242,13 +258,34 @@ impl Dataplane {
                 "max_sessions must be at least 1".into(),
             ));
         }
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(common::maps::SESSIONS, options.max_sessions)
-            .load(OBJECT)
-            .map_err(|e| DataplaneError::Load {
-                what: "the idgate eBPF object".into(),
-                source: Box::new(e),
-            })?;
+        let mut options = options;
+        let mut reused = false;
+        if let Some(dir) = &options.pin_dir {
+            pin::prepare_dir(dir)?;
+            let pinned = pin::check_layout(dir)?;
+            reused = pinned.reused;
+            if let Some(n) = pinned.max_sessions
+                && n != options.max_sessions
+            {
+                tracing::warn!(
+                    pinned = n,
+                    configured = options.max_sessions,
+                    "the pinned sessions map keeps its capacity; run `idgate cleanup` to resize it"
+                );
+                options.max_sessions = n;
+            }
+        }
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(common::maps::SESSIONS, options.max_sessions);
+        if let Some(dir) = &options.pin_dir {
+            for m in &pin::MAPS {
+                loader.map_pin_path(m.name, dir.join(m.name));
+            }
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(|e| DataplaneError::Load {
+            what: "the idgate eBPF object".into(),
+            source: Box::new(e),
+        })?;
         let logger = match aya_log::EbpfLogger::init_with_logger(&mut ebpf, ForwardToTracing) {
             Ok(l) => Some(l),
             Err(e) => {
@@ -262,6 +299,9 @@ impl Dataplane {
         }
         let tc: &mut SchedClassifier = program_mut(&mut ebpf, common::programs::TC)?;
         verify(common::programs::TC, || tc.load())?;
+        if let Some(dir) = &options.pin_dir {
+            pin_programs(&mut ebpf, dir)?;
+        }
 
         let mut dp = Dataplane {
             ports: take(&mut ebpf, common::maps::PORTS)?,
@@ -280,8 +320,74 @@ impl Dataplane {
             cidr_rules: Vec::new(),
             links: BTreeMap::new(),
         };
+        if reused {
+            dp.recover()?;
+        }
         dp.write_config()?;
         Ok(dp)
+    }
+
+    /// Rebuilds the services and CIDR rules from reused pinned maps, so the next `set_services`
+    /// and `set_cidr_rules` clear what the last run left and the configuration no longer has.
+    fn recover(&mut self) -> Result<(), DataplaneError> {
+        for index in 0..common::PORT_ENTRIES {
+            let id = self
+                .ports
+                .get(&index, 0)
+                .map_err(map_err("recovering the ports", common::maps::PORTS))?;
+            if id == 0 {
+                continue;
+            }
+            let value = self
+                .service_values
+                .get(&id, 0)
+                .map_err(map_err("recovering a service", common::maps::SERVICES))?;
+            let (Ok(sid), Some(protocol)) = (
+                ServiceId::new(id),
+                Protocol::from_number(if index < 65_536 {
+                    common::IPPROTO_TCP
+                } else {
+                    common::IPPROTO_UDP
+                }),
+            ) else {
+                continue;
+            };
+            let action = if value.action == common::DefaultAction::Reset as u32 {
+                ServiceAction::Reset
+            } else {
+                ServiceAction::Drop
+            };
+            self.services.insert(
+                sid,
+                Service {
+                    id: sid,
+                    protocol,
+                    port: (index % 65_536) as u16,
+                    action,
+                },
+            );
+        }
+        for (trie, name, action) in [
+            (&self.cidr_deny, common::maps::CIDR_DENY, CidrAction::Deny),
+            (
+                &self.cidr_allow,
+                common::maps::CIDR_ALLOW,
+                CidrAction::Allow,
+            ),
+        ] {
+            for entry in trie.iter() {
+                let (k, v) = entry.map_err(map_err("recovering CIDR rules", name))?;
+                if let Some(r) = cidr_rule_from_key(&k, action, v.rule_id) {
+                    self.cidr_rules.push(r);
+                }
+            }
+        }
+        tracing::info!(
+            services = self.services.len(),
+            cidr_rules = self.cidr_rules.len(),
+            "reusing the pinned maps"
+        );
+        Ok(())
     }
 
     /// Starts forwarding the programs' aya-log records into `tracing` (needs a tokio runtime).
@@ -335,12 +441,101 @@ impl Dataplane {
                 "interface {iface} is already attached"
             )));
         }
+        let Some(dir) = self.options.pin_dir.clone() else {
+            let (attached, link) = self.attach_new(iface, mode)?;
+            tracing::info!(iface, mode = %attached, "enforcement attached");
+            self.links.insert(iface.to_owned(), (attached, link));
+            return Ok(attached);
+        };
+        let old = pin::find_link(&dir, iface)?;
+        if let Some((old_mode, path)) = &old
+            && mode_accepts(mode, *old_mode)
+        {
+            match self.replace_program(iface, *old_mode, path) {
+                Ok(link) => {
+                    tracing::info!(iface, mode = %old_mode, "enforcement taken over: new programs swapped in");
+                    self.links.insert(iface.to_owned(), (*old_mode, link));
+                    return Ok(*old_mode);
+                }
+                Err(e) => tracing::warn!(
+                    iface,
+                    error = %e,
+                    "the pinned link could not be updated; attaching a new one"
+                ),
+            }
+        }
+        // A new link, attached while the old one (if any) still enforces, then pinned in its
+        // place: there is no moment without a program.
+        let (attached, link) = self.attach_new(iface, mode).map_err(|e| match &old {
+            Some((old_mode, path)) => DataplaneError::Invalid(format!(
+                "{e}; note that {} is still attached as {old_mode} (pinned at {}): to change \
+                 the mode, run `idgate cleanup` first",
+                iface,
+                path.display()
+            )),
+            None => e,
+        })?;
+        let path = pin::link_path(&dir, iface, attached);
+        let tmp = pin::tmp_link_path(&dir, iface, attached);
+        pin::remove_pin(&tmp)?;
+        let link = pin_link(link, &tmp)?;
+        if let Some((old_mode, old_path)) = &old {
+            let old_link = open_pinned_link(old_path)?;
+            force_detach(iface, &old_link)?;
+            pin::remove_pin(old_path)?;
+            tracing::info!(iface, mode = %old_mode, "previous enforcement link detached");
+        }
+        std::fs::rename(&tmp, &path).map_err(|source| DataplaneError::Io {
+            op: format!("renaming {} to {}", tmp.display(), path.display()),
+            source,
+        })?;
+        tracing::info!(iface, mode = %attached, pin = %path.display(), "enforcement attached");
+        self.links.insert(iface.to_owned(), (attached, link));
+        Ok(attached)
+    }
+
+    /// Swaps this load's program into the link pinned at `path` (`BPF_LINK_UPDATE`: atomic).
+    fn replace_program(
+        &mut self,
+        iface: &str,
+        mode: Attached,
+        path: &Path,
+    ) -> Result<FdLink, DataplaneError> {
+        let update_err = |source| DataplaneError::Attach {
+            op: "replacing the program",
+            iface: iface.to_owned(),
+            source,
+        };
+        let fd = open_pinned_link(path)?;
+        Ok(match mode {
+            Attached::Tc => {
+                let link = SchedClassifierLink::try_from(fd).map_err(|e| link_err(iface, e))?;
+                let prog: &mut SchedClassifier = program_mut(&mut self.ebpf, common::programs::TC)?;
+                let id = prog.attach_to_link(link).map_err(update_err)?;
+                let link = prog.take_link(id).map_err(update_err)?;
+                FdLink::try_from(link).map_err(|e| link_err(iface, e))?
+            }
+            Attached::XdpNative | Attached::XdpGeneric => {
+                let link = XdpLink::try_from(fd).map_err(|e| link_err(iface, e))?;
+                let prog: &mut Xdp = program_mut(&mut self.ebpf, common::programs::XDP)?;
+                let id = prog.attach_to_link(link).map_err(update_err)?;
+                let link = prog.take_link(id).map_err(update_err)?;
+                FdLink::try_from(link).map_err(|e| link_err(iface, e))?
+            }
+        })
+    }
+
+    fn attach_new(
+        &mut self,
+        iface: &str,
+        mode: AttachMode,
+    ) -> Result<(Attached, FdLink), DataplaneError> {
         let attach_err = |source| DataplaneError::Attach {
             op: "attaching",
             iface: iface.to_owned(),
             source,
         };
-        let (attached, link) = match mode {
+        Ok(match mode {
             AttachMode::Tc => {
                 let prog: &mut SchedClassifier = program_mut(&mut self.ebpf, common::programs::TC)?;
                 let id = prog
@@ -369,10 +564,7 @@ impl Dataplane {
                     (Attached::XdpGeneric, self.attach_xdp(iface, XdpMode::Skb)?)
                 }
             },
-        };
-        tracing::info!(iface, mode = %attached, "enforcement attached");
-        self.links.insert(iface.to_owned(), (attached, link));
-        Ok(attached)
+        })
     }
 
     fn attach_xdp(&mut self, iface: &str, mode: XdpMode) -> Result<FdLink, DataplaneError> {
@@ -397,6 +589,9 @@ impl Dataplane {
             return Err(DataplaneError::NotAttached(iface.to_owned()));
         };
         force_detach(iface, &link)?;
+        if let Some(dir) = &self.options.pin_dir {
+            pin::remove_pin(&pin::link_path(dir, iface, attached))?;
+        }
         tracing::info!(iface, mode = %attached, "enforcement detached");
         Ok(())
     }
@@ -813,6 +1008,90 @@ fn verify(
     }
 }
 
+/// Whether an interface attached as `old` satisfies a request for `mode`.
+fn mode_accepts(mode: AttachMode, old: Attached) -> bool {
+    matches!(
+        (mode, old),
+        (AttachMode::Xdp, Attached::XdpNative | Attached::XdpGeneric)
+            | (AttachMode::XdpNative, Attached::XdpNative)
+            | (AttachMode::XdpGeneric, Attached::XdpGeneric)
+            | (AttachMode::Tc, Attached::Tc)
+    )
+}
+
+fn open_pinned_link(path: &Path) -> Result<FdLink, DataplaneError> {
+    PinnedLink::from_pin(path)
+        .map(FdLink::from)
+        .map_err(|e| DataplaneError::Io {
+            op: format!("opening the pinned link {}", path.display()),
+            source: io::Error::other(e),
+        })
+}
+
+/// Pins `link` at `path`, keeping the descriptor.
+fn pin_link(link: FdLink, path: &Path) -> Result<FdLink, DataplaneError> {
+    link.pin(path)
+        .map(FdLink::from)
+        .map_err(|e| DataplaneError::Io {
+            op: format!("pinning the link at {}", path.display()),
+            source: io::Error::other(e),
+        })
+}
+
+/// Pins the attachable programs of this load under `dir/programs`, replacing the last load's.
+fn pin_programs(ebpf: &mut Ebpf, dir: &Path) -> Result<(), DataplaneError> {
+    let pin_err = |path: &Path| {
+        let op = format!("pinning the program at {}", path.display());
+        move |e: aya::pin::PinError| DataplaneError::Io {
+            op,
+            source: io::Error::other(e),
+        }
+    };
+    let path = dir.join("programs").join(common::programs::XDP);
+    pin::remove_pin(&path)?;
+    let xdp: &mut Xdp = program_mut(ebpf, common::programs::XDP)?;
+    xdp.pin(&path).map_err(pin_err(&path))?;
+    let path = dir.join("programs").join(common::programs::TC);
+    pin::remove_pin(&path)?;
+    let tc: &mut SchedClassifier = program_mut(ebpf, common::programs::TC)?;
+    tc.pin(&path).map_err(pin_err(&path))?;
+    Ok(())
+}
+
+/// The rule a CIDR trie key stands for (the inverse of [`cidr_key`]).
+fn cidr_rule_from_key(
+    key: &Key<common::CidrData>,
+    action: CidrAction,
+    rule_id: u32,
+) -> Option<CidrRule> {
+    let data = key.data();
+    let service = ServiceId::new(u32::from_be_bytes(data.service_id_be)).ok()?;
+    let bits = key.prefix_len().checked_sub(common::CIDR_SERVICE_BITS)?;
+    let net = match data.family {
+        4 => {
+            let IpAddr::V4(a) = addr_from_kernel(data.addr) else {
+                return None;
+            };
+            let len = bits.checked_sub(common::CIDR_V4_MAPPED_BITS)?;
+            IpNet::V4(ipnet::Ipv4Net::new(a, u8::try_from(len).ok()?).ok()?)
+        }
+        6 => IpNet::V6(
+            ipnet::Ipv6Net::new(
+                std::net::Ipv6Addr::from(data.addr),
+                u8::try_from(bits).ok()?,
+            )
+            .ok()?,
+        ),
+        _ => return None,
+    };
+    Some(CidrRule {
+        service,
+        net,
+        action,
+        rule_id,
+    })
+}
+
 fn link_err(iface: &str, e: aya::programs::links::LinkError) -> DataplaneError {
     DataplaneError::Io {
         op: format!("taking the link on {iface} (idgate needs bpf_link attachments: kernel ≥ 6.6)"),
@@ -832,8 +1111,13 @@ fn force_detach(iface: &str, link: &FdLink) -> Result<(), DataplaneError> {
 }
 
 impl Drop for Dataplane {
-    /// Dropping the data plane detaches it everywhere, at once (see [`Dataplane::detach`]).
+    /// Unpinned, dropping the data plane detaches it everywhere, at once (see
+    /// [`Dataplane::detach`]). Pinned, it detaches nothing: enforcement stays in place for the
+    /// next load (or until [`cleanup`]).
     fn drop(&mut self) {
+        if self.options.pin_dir.is_some() {
+            return;
+        }
         for (iface, (_, link)) in std::mem::take(&mut self.links) {
             if let Err(e) = force_detach(&iface, &link) {
                 tracing::error!(iface, error = %e, "detaching on shutdown failed");

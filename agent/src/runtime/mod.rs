@@ -15,7 +15,7 @@ pub mod cli;
 
 use std::{
     future::Future,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     time::Duration,
 };
 
@@ -28,9 +28,10 @@ use crate::{
     dataplane::{AsyncEventReader, Dataplane, DataplaneError, DataplaneEvent, EventKind},
     exit,
     identity::{ConfigError, Verifier},
+    metrics::{Metrics, MetricsServer},
     session::{
         Catalog, FailureLimiter, LIMITER_CAPACITY, SessionManager,
-        audit::{self, AuditEvent, FlowBudget},
+        audit::{AuditError, AuditEvent, AuditLog, FlowBudget},
     },
     wiring::{self, WiringError},
 };
@@ -58,6 +59,9 @@ pub enum RunError {
     /// The data plane could not be loaded, configured or attached.
     #[error("data plane: {0}")]
     Dataplane(#[from] DataplaneError),
+    /// The audit stream could not be opened.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
     /// A task the daemon cannot run without ended.
     #[error("{0} stopped unexpectedly")]
     TaskEnded(&'static str),
@@ -68,7 +72,7 @@ impl RunError {
     /// wrong).
     pub fn exit_code(&self) -> i32 {
         match self {
-            RunError::Wiring(_) | RunError::Issuers(_) => exit::CONFIG,
+            RunError::Wiring(_) | RunError::Issuers(_) | RunError::Audit(_) => exit::CONFIG,
             RunError::Api(ApiError::Tls { .. }) => exit::CONFIG,
             _ => exit::FAILURE,
         }
@@ -116,9 +120,31 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let verifier = Verifier::new(wiring::all_issuer_settings(&config.issuers)?)?;
     let endpoint = SessionEndpoint::bind(&config.session_endpoint).await?;
     let admin = AdminSocket::bind(&config.admin.socket)?;
+    let metrics_server = match config.admin.metrics {
+        Some(addr) => Some(MetricsServer::bind(addr).await?),
+        None => None,
+    };
+    let audit = AuditLog::open(&config.audit)?;
+    // Metrics serve from here on: /live 200, /ready 503 until enforcement and the endpoints run.
+    let metrics = Arc::new(Metrics::default());
+    let app_cell = Arc::new(OnceLock::new());
+    let mut tasks = JoinSet::new();
+    let metrics_addr = metrics_server.as_ref().and_then(|m| m.local_addr().ok());
+    let metrics_id =
+        metrics_server.map(|m| tasks.spawn(m.serve(metrics.clone(), app_cell.clone())).id());
 
     // Enforcement: closed for everyone without a session from here on.
     let mut dp = Dataplane::load(config.dataplane.load_options())?;
+    // Sessions pinned by an earlier run: this run does not know their owners. They stay, enforced
+    // by the kernel until they expire (and are then swept), unless a login from the same source
+    // overwrites them; they are not in the session table, so the admin API does not list them.
+    let recovered = dp.sessions()?.len();
+    if recovered > 0 {
+        tracing::info!(
+            recovered,
+            "sessions survived from the previous run; kept until they expire"
+        );
+    }
     dp.set_services(&config.dataplane_services())?;
     dp.set_cidr_rules(&config.cidr_rules())?;
     for i in &config.dataplane.interfaces {
@@ -135,16 +161,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .max()
         .unwrap_or(16 * 1024);
     let ep = &config.session_endpoint;
+    let mut sessions = SessionManager::new(
+        Box::new(dp),
+        catalog.clone(),
+        config.dataplane.max_sessions as usize,
+        config.dataplane.max_session_lifetime,
+    );
+    sessions.set_audit(audit.clone());
     let app = Arc::new(App {
         verifier,
         policy: config.policy(),
-        catalog: catalog.clone(),
-        sessions: Mutex::new(SessionManager::new(
-            Box::new(dp),
-            catalog,
-            config.dataplane.max_sessions as usize,
-            config.dataplane.max_session_lifetime,
-        )),
+        catalog,
+        sessions: Mutex::new(sessions),
         limiter: Mutex::new(FailureLimiter::new(
             ep.failed_attempts_per_minute,
             ep.failed_attempts_burst,
@@ -152,9 +180,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         )),
         trusted_proxies: ep.trusted_proxies.clone(),
         limits: Limits::for_tokens(max_token_bytes),
+        metrics: metrics.clone(),
+        audit,
     });
 
-    let mut tasks = JoinSet::new();
+    let _ = app_cell.set(app.clone());
     let names = [
         (tasks.spawn(keep_keys(app.clone())).id(), "the key refresh"),
         (tasks.spawn(sweep(app.clone())).id(), "the session sweeper"),
@@ -168,9 +198,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let admin_path = admin.path().to_owned();
     let endpoint_id = tasks.spawn(endpoint.serve(app.clone())).id();
     let admin_id = tasks.spawn(admin.serve(app.clone())).id();
+    // The data plane is attached and every listener is bound and served from here on.
+    app.metrics.set_ready(true);
     tracing::info!(
         endpoint = %endpoint_addr.map_or_else(|| "?".to_owned(), |a| format!("{scheme}://{a}")),
         admin = %admin_path.display(),
+        metrics = %metrics_addr.map_or_else(|| "off".to_owned(), |a| format!("http://{a}/metrics")),
         interfaces = config.dataplane.interfaces.len(),
         services = config.services.len(),
         "idgate running"
@@ -190,6 +223,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 "the session endpoint"
             } else if id == admin_id {
                 "the admin socket"
+            } else if Some(id) == metrics_id {
+                "the metrics endpoint"
             } else {
                 names.iter().find(|(i, _)| *i == id).map_or("a task", |(_, n)| n)
             };
@@ -202,6 +237,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     };
     // Endpoints first (no login lands after this), then the data plane.
+    app.metrics.set_ready(false);
     tasks.shutdown().await;
     let left = app.sessions().table().entries();
     app.sessions().close();
@@ -258,7 +294,7 @@ async fn forward_events(mut events: AsyncEventReader, app: Arc<App>) {
             _ = window.tick() => {
                 let count = budget.roll();
                 if count > 0 {
-                    audit::record(&AuditEvent::FlowsSuppressed { count });
+                    app.audit.record(&AuditEvent::FlowsSuppressed { count });
                 }
                 if tokio::time::Instant::now() >= stats_due {
                     stats_due += EVENT_STATS_INTERVAL;
@@ -302,7 +338,7 @@ fn flow_record(app: &App, e: &DataplaneEvent, budget: &mut FlowBudget) {
         17 => "udp".to_owned(),
         n => n.to_string(),
     };
-    audit::record(&AuditEvent::Flow {
+    app.audit.record(&AuditEvent::Flow {
         action,
         reason,
         reset,

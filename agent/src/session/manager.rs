@@ -15,11 +15,13 @@ use thiserror::Error;
 
 use super::{
     Catalog, ServiceInfo,
-    audit::{self, AuditEvent},
+    audit::{AuditEvent, AuditLog},
     table::{Change, EndReason, Ended, Grant, IdentityRecord, NewIdentity, Now, SessionTable},
 };
 use crate::{
-    dataplane::{Dataplane, DataplaneError, EventStats, Protocol, ServiceId, Session},
+    dataplane::{
+        Dataplane, DataplaneError, EventStats, Protocol, ServiceCounters, ServiceId, Session,
+    },
     policy::{Action, ServiceDecision},
 };
 
@@ -35,6 +37,10 @@ pub trait SessionStore: Send {
     fn event_stats(&self) -> Result<EventStats, DataplaneError> {
         Ok(EventStats::default())
     }
+    /// Packet and byte counters per service (for metrics).
+    fn counters(&self) -> Result<Vec<ServiceCounters>, DataplaneError> {
+        Ok(Vec::new())
+    }
 }
 
 impl SessionStore for Dataplane {
@@ -49,6 +55,9 @@ impl SessionStore for Dataplane {
     }
     fn event_stats(&self) -> Result<EventStats, DataplaneError> {
         Dataplane::event_stats(self)
+    }
+    fn counters(&self) -> Result<Vec<ServiceCounters>, DataplaneError> {
+        Dataplane::counters(self)
     }
 }
 
@@ -105,6 +114,8 @@ pub struct SessionManager {
     catalog: Arc<Catalog>,
     /// A kernel change failed: the map may hold entries the table does not.
     dirty: bool,
+    /// Where logins and session ends are recorded.
+    audit: AuditLog,
 }
 
 impl std::fmt::Debug for SessionManager {
@@ -130,7 +141,18 @@ impl SessionManager {
             store,
             catalog,
             dirty: false,
+            audit: AuditLog::default(),
         }
+    }
+
+    /// Records to `audit` from now on (the default records to `tracing` only).
+    pub fn set_audit(&mut self, audit: AuditLog) {
+        self.audit = audit;
+    }
+
+    /// The audit trail this manager records to.
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
     }
 
     /// Drops the data plane (detaching its programs); later changes fail. For shutdown, so that
@@ -175,7 +197,7 @@ impl SessionManager {
             .table
             .login(source, who, token_expires_at, decisions, now)?;
         if let Some(old) = &login.replaced {
-            audit::record(&AuditEvent::Replaced {
+            self.audit.record(&AuditEvent::Replaced {
                 src: source,
                 old,
                 new: &login.identity,
@@ -200,7 +222,7 @@ impl SessionManager {
                 action_name(d.action)
             };
             let service = self.service(d.service_id, &d.service);
-            audit::record(&AuditEvent::Login {
+            self.audit.record(&AuditEvent::Login {
                 src: source,
                 identity: &login.identity,
                 service: &service,
@@ -324,7 +346,7 @@ impl SessionManager {
     fn audit_ended(&self, ended: &[Ended]) {
         for e in ended {
             let service = self.service(e.grant.service, &e.grant.service_name);
-            audit::record(&AuditEvent::SessionEnd {
+            self.audit.record(&AuditEvent::SessionEnd {
                 src: e.source,
                 identity: &e.identity,
                 service: &service,
