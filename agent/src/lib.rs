@@ -11,6 +11,7 @@ pub mod devidp;
 pub mod exit;
 pub mod identity;
 pub mod metrics;
+pub mod notify;
 pub mod policy;
 pub mod runtime;
 pub mod session;

@@ -73,6 +73,7 @@ pub struct Metrics {
     logins: Mutex<BTreeMap<(LoginResult, String), u64>>,
     ready: AtomicBool,
     reloads: AtomicU64,
+    reloads_failed: AtomicU64,
 }
 
 impl Metrics {
@@ -107,14 +108,24 @@ impl Metrics {
         self.ready.load(Ordering::Relaxed)
     }
 
-    /// Counts a configuration reload.
+    /// Counts a configuration reload that was applied.
     pub fn reloaded(&self) {
         self.reloads.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Configuration reloads so far.
+    /// Counts a configuration reload that was refused (the old configuration stays).
+    pub fn reload_failed(&self) {
+        self.reloads_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Configuration reloads applied so far.
     pub fn reloads(&self) -> u64 {
         self.reloads.load(Ordering::Relaxed)
+    }
+
+    /// Configuration reloads refused so far.
+    pub fn reloads_failed(&self) -> u64 {
+        self.reloads_failed.load(Ordering::Relaxed)
     }
 }
 
@@ -137,8 +148,10 @@ pub struct Snapshot {
     pub audit_flows_suppressed: u64,
     /// Audit records that could not be written.
     pub audit_write_errors: u64,
-    /// Configuration reloads.
+    /// Configuration reloads applied.
     pub reloads: u64,
+    /// Configuration reloads refused.
+    pub reloads_failed: u64,
     /// Whether the daemon is ready.
     pub ready: bool,
 }
@@ -158,13 +171,13 @@ impl Snapshot {
                 sessions.table().entries() as u64,
             )
         };
+        let catalog = app.catalog.get();
         let counters = counters
             .into_iter()
             .map(|c| {
                 let name = match c.service_id {
                     0 => "unattributed".to_owned(),
-                    id => app
-                        .catalog
+                    id => catalog
                         .get_raw(id)
                         .map_or_else(|| format!("service-{id}"), |s| s.name.clone()),
                 };
@@ -176,11 +189,12 @@ impl Snapshot {
             counters,
             active_sessions: active,
             logins: app.metrics.logins(),
-            issuers: app.verifier.stats(),
+            issuers: app.verifier.get().stats(),
             events,
             audit_flows_suppressed: app.audit.flows_suppressed(),
             audit_write_errors: app.audit.write_errors(),
             reloads: app.metrics.reloads(),
+            reloads_failed: app.metrics.reloads_failed(),
             ready: app.metrics.is_ready(),
         }
     }
@@ -362,9 +376,15 @@ pub fn render(s: &Snapshot) -> String {
         &mut out,
         "idgate_reloads_total",
         "counter",
-        "Configuration reloads.",
+        "Configuration reloads, by result (ok: applied; failed: refused, the old configuration \
+         stays).",
     );
-    let _ = writeln!(out, "idgate_reloads_total {}", s.reloads);
+    let _ = writeln!(out, "idgate_reloads_total{{result=\"ok\"}} {}", s.reloads);
+    let _ = writeln!(
+        out,
+        "idgate_reloads_total{{result=\"failed\"}} {}",
+        s.reloads_failed
+    );
     out
 }
 
@@ -532,6 +552,7 @@ mod tests {
             audit_flows_suppressed: 9,
             audit_write_errors: 0,
             reloads: 0,
+            reloads_failed: 3,
             ready: true,
         }
     }
@@ -608,7 +629,8 @@ mod tests {
         assert_eq!(get("idgate_events_suppressed_total"), 5.0);
         assert_eq!(get("idgate_events_ring_full_total"), 6.0);
         assert_eq!(get("idgate_audit_flows_suppressed_total"), 9.0);
-        assert_eq!(get("idgate_reloads_total"), 0.0);
+        assert_eq!(get(r#"idgate_reloads_total{result="ok"}"#), 0.0);
+        assert_eq!(get(r#"idgate_reloads_total{result="failed"}"#), 3.0);
         // Every reason of every service, packets and bytes.
         let per_family = Reason::ALL.len() * 2;
         assert_eq!(

@@ -126,6 +126,17 @@ impl Daemon {
     /// Validates `config_toml`, starts the daemon inside `ns`, and waits until its admin socket
     /// answers and every issuer's keys are fetched.
     pub fn start(ns: &NetNs, config_toml: &str) -> Result<Daemon> {
+        Daemon::start_inner(ns, config_toml, None)
+    }
+
+    /// [`Daemon::start`] with the configuration in the file at `path`, which reloads (SIGHUP,
+    /// `POST /v1/reload`) read again.
+    pub fn start_with_file(ns: &NetNs, path: &Path) -> Result<Daemon> {
+        let toml = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+        Daemon::start_inner(ns, &toml, Some(path.to_owned()))
+    }
+
+    fn start_inner(ns: &NetNs, config_toml: &str, path: Option<PathBuf>) -> Result<Daemon> {
         install_log_capture();
         let (config, warnings) =
             Config::parse(config_toml).map_err(|e| anyhow!("test configuration: {e}"))?;
@@ -144,7 +155,7 @@ impl Daemon {
                 .enable_all()
                 .build()
                 .map_err(|e| e.to_string())?;
-            rt.block_on(idgate::runtime::run(config, async {
+            rt.block_on(idgate::runtime::run_from(config, path, async {
                 let _ = stopped.await;
             }))
             .map_err(|e| e.to_string())

@@ -274,7 +274,10 @@ fn scenario(pair: &Pair, ca: &TestCa, idp: &dyn Issuer) -> Result<()> {
         )? > 0.0,
         "{scrape}"
     );
-    ensure!(series(&scrape, "idgate_reloads_total")? == 0.0, "{scrape}");
+    ensure!(
+        series(&scrape, r#"idgate_reloads_total{result="ok"}"#)? == 0.0,
+        "{scrape}"
+    );
     ensure!(
         scrape.contains(&format!(
             "idgate_build_info{{version=\"{}\"}} 1",

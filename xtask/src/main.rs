@@ -1,5 +1,6 @@
 //! `cargo xtask`: set up the machine, build, test, benchmark and demonstrate idgate.
 
+mod install;
 mod setup;
 
 use std::{
@@ -41,6 +42,17 @@ enum Task {
     },
     /// rustfmt check, and clippy on the userspace crates and on the eBPF crate separately.
     Lint,
+    /// Build in release mode and install the binary (/usr/bin/idgate), the systemd unit
+    /// (/etc/systemd/system) and the example configuration (/etc/idgate/idgate.toml if absent,
+    /// else idgate.toml.example; mode 0640).
+    Install {
+        /// Install under DIR instead: DIR/bin, DIR/lib/systemd/system, DIR/etc/idgate (the
+        /// unit's paths are rewritten to match).
+        #[arg(long, value_name = "DIR")]
+        prefix: Option<PathBuf>,
+    },
+    /// Build a Debian package with cargo-deb (installed first if missing) into target/debian/.
+    Package,
 }
 
 #[derive(Subcommand)]
@@ -104,6 +116,14 @@ fn main() -> Result<()> {
             cargo(&cmd)
         }
         Task::Lint => lint(&root),
+        Task::Install { prefix } => {
+            setup::run(&root)?;
+            install::install(&root, prefix.as_deref())
+        }
+        Task::Package => {
+            setup::run(&root)?;
+            install::package()
+        }
     }
 }
 

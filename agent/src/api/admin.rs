@@ -101,7 +101,13 @@ impl AdminSocket {
             connections.spawn(async move {
                 let service = service_fn(move |req| {
                     let app = app.clone();
-                    async move { Ok::<_, Infallible>(handle(&app, req)) }
+                    async move {
+                        Ok::<_, Infallible>(if req.uri().path() == RELOAD_PATH {
+                            reload(&app, req.method()).await
+                        } else {
+                            handle(&app, req)
+                        })
+                    }
                 });
                 let _ = http1::Builder::new()
                     .timer(TokioTimer::new())
@@ -157,6 +163,25 @@ struct Status {
     issuers: Vec<IssuerStatus>,
     events_suppressed: u64,
     events_lost: u64,
+}
+
+/// `POST` re-reads the configuration file and applies it (as SIGHUP does).
+pub const RELOAD_PATH: &str = "/v1/reload";
+
+/// `POST /v1/reload`: 200 with the report, or 422 with every error (nothing changed).
+pub(crate) async fn reload(app: &App, method: &Method) -> HttpResponse {
+    if method != Method::POST {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method_not_allowed",
+            "POST to reload the configuration",
+        );
+    }
+    match crate::runtime::reload::reload_file(app).await {
+        Ok(report) => json(StatusCode::OK, &report),
+        Err(e) => json(StatusCode::UNPROCESSABLE_ENTITY, &e),
+    }
 }
 
 /// Handles one admin request.
@@ -251,6 +276,7 @@ fn status(app: &App) -> HttpResponse {
     };
     let mut issuers: Vec<IssuerStatus> = app
         .verifier
+        .get()
         .stats()
         .into_iter()
         .map(|s| IssuerStatus {

@@ -23,9 +23,9 @@ use tokio::{
     sync::Semaphore,
     task::JoinSet,
 };
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{TlsAcceptor, rustls::ServerConfig};
 
-use super::{ApiError, App, HttpResponse, client_addr::client_address, error, json, tls};
+use super::{ApiError, App, HttpResponse, Shared, client_addr::client_address, error, json, tls};
 use crate::{
     config::SessionEndpointConfig,
     identity::{VerifiedToken, VerifyError, bearer_token},
@@ -40,10 +40,13 @@ pub const SESSIONS_PATH: &str = "/v1/sessions";
 /// Seconds a client is told to wait after a 503 for missing IdP keys.
 const IDP_RETRY_AFTER_SECS: u64 = 5;
 
+/// The endpoint's TLS configuration, which a reload replaces (new connections use the new one).
+pub type TlsSlot = Arc<Shared<ServerConfig>>;
+
 /// The bound session endpoint, ready to serve.
 pub struct SessionEndpoint {
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<TlsSlot>,
 }
 
 impl std::fmt::Debug for SessionEndpoint {
@@ -59,7 +62,7 @@ impl SessionEndpoint {
     /// Loads the certificate (if configured) and binds the listen address.
     pub async fn bind(config: &SessionEndpointConfig) -> Result<SessionEndpoint, ApiError> {
         let tls = match &config.tls {
-            Some(files) => Some(TlsAcceptor::from(tls::server_config(files)?)),
+            Some(files) => Some(Arc::new(Shared::new(tls::server_config(files)?))),
             None => None,
         };
         let listener = TcpListener::bind(config.listen)
@@ -81,6 +84,11 @@ impl SessionEndpoint {
         self.tls.is_some()
     }
 
+    /// The TLS configuration's slot, for reloads to replace.
+    pub fn tls_slot(&self) -> Option<TlsSlot> {
+        self.tls.clone()
+    }
+
     /// Serves until the returned future is dropped; dropping it also ends open connections.
     pub async fn serve(self, app: Arc<App>) {
         let permits = Arc::new(Semaphore::new(app.limits.max_connections));
@@ -99,7 +107,7 @@ impl SessionEndpoint {
                 }
             };
             let app = app.clone();
-            let tls = self.tls.clone();
+            let tls = self.tls.as_ref().map(|t| TlsAcceptor::from(t.get()));
             connections.spawn(async move {
                 let limit = app.limits.connection_timeout;
                 let _ = tokio::time::timeout(limit, connection(app, tls, stream, peer)).await;
@@ -332,7 +340,7 @@ where
         Ok(t) => t,
         Err(e) => return refused(app, src, via, &e),
     };
-    let verified = match app.verifier.verify(token).await {
+    let verified = match app.verifier.get().verify(token).await {
         Ok(v) => v,
         Err(e) => return refused(app, src, via, &e),
     };
@@ -444,14 +452,24 @@ struct LoginAnswer<'a> {
 
 fn login_response(app: &App, src: IpAddr, token: &VerifiedToken) -> HttpResponse {
     let identity = crate::wiring::identity_of(token);
-    let decisions = app.policy.evaluate(&identity, src);
     let who = NewIdentity {
         issuer: identity.issuer.clone(),
         subject: token.subject.clone(),
         user: identity.user.clone(),
         groups: identity.groups.clone(),
     };
-    let outcome = app.sessions().login(src, who, token.expires_at, &decisions);
+    // The policy is read under the sessions lock, which a reload holds while it swaps the
+    // policy: a login is decided and installed wholly under the old policy (and then
+    // re-evaluated by the reload) or wholly under the new one.
+    let (decisions, outcome) = {
+        let mut sessions = app.sessions();
+        let decisions = app.policy.get().evaluate(&identity, src);
+        let o = sessions.login(src, who, token.expires_at, &decisions);
+        if o.is_ok() {
+            sessions.set_policy_identity(src, Arc::new(identity));
+        }
+        (decisions, o)
+    };
     match outcome {
         Ok(o) => login_answer(app, src, token, &decisions, &o),
         Err(SessionError::Table(TableError::Full { capacity })) => {
@@ -484,11 +502,12 @@ fn login_answer(
     decisions: &[ServiceDecision],
     o: &LoginOutcome,
 ) -> HttpResponse {
+    let catalog = app.catalog.get();
     let services: Vec<ServiceAnswer<'_>> = decisions
         .iter()
         .map(|d| {
             let grant = o.granted.iter().find(|g| g.service == d.service_id);
-            let info = app.catalog.get(d.service_id);
+            let info = catalog.get(d.service_id);
             // Allowed means the source can reach it now: by a session, or by a static rule
             // (whose kernel CIDR entry needs no session).
             let allowed = d.action == Action::Allow && (!d.needs_session || grant.is_some());

@@ -18,7 +18,7 @@ pub mod tls;
 use std::{
     net::SocketAddr,
     path::PathBuf,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard, RwLock},
     time::Duration,
 };
 
@@ -106,14 +106,54 @@ impl Limits {
     }
 }
 
+/// A value a configuration reload replaces whole: readers take the current one (an `Arc`, so no
+/// lock is held while they use it), a reload swaps in the next.
+pub struct Shared<T>(RwLock<Arc<T>>);
+
+impl<T> Shared<T> {
+    /// Holds `value`.
+    pub fn new(value: impl Into<Arc<T>>) -> Self {
+        Shared(RwLock::new(value.into()))
+    }
+
+    /// The current value.
+    pub fn get(&self) -> Arc<T> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the value; returns the previous one.
+    pub fn replace(&self, value: impl Into<Arc<T>>) -> Arc<T> {
+        let mut g = self.0.write().unwrap_or_else(|p| p.into_inner());
+        std::mem::replace(&mut *g, value.into())
+    }
+}
+
+impl<T> From<T> for Shared<T> {
+    fn from(value: T) -> Self {
+        Shared::new(value)
+    }
+}
+
+impl<T> From<Arc<T>> for Shared<T> {
+    fn from(value: Arc<T>) -> Self {
+        Shared::new(value)
+    }
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for Shared<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.get().fmt(f)
+    }
+}
+
 /// What both HTTP surfaces share: the verifier, the policy, the sessions.
 pub struct App {
-    /// Verifies tokens.
-    pub verifier: Verifier,
-    /// Decides per service.
-    pub policy: Policy,
-    /// The configured services.
-    pub catalog: Arc<Catalog>,
+    /// Verifies tokens (replaced by a reload that changes the issuers).
+    pub verifier: Shared<Verifier>,
+    /// Decides per service (replaced by a reload).
+    pub policy: Shared<Policy>,
+    /// The configured services (replaced by a reload).
+    pub catalog: Shared<Catalog>,
     /// The session table and the data plane.
     pub sessions: Mutex<SessionManager>,
     /// Failed attempts per source.
@@ -126,6 +166,9 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// The audit trail (the same one the session manager records to).
     pub audit: AuditLog,
+    /// What a configuration reload needs (the running configuration, its file); also
+    /// serialises reloads.
+    pub reload: tokio::sync::Mutex<crate::runtime::reload::ReloadState>,
 }
 
 impl std::fmt::Debug for App {

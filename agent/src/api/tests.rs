@@ -58,7 +58,11 @@ const CLIENT: &str = "192.0.2.7";
 const PROXY: &str = "10.0.0.5";
 
 fn config(issuer: &str) -> Config {
-    let toml = format!(
+    Config::parse(&config_toml(issuer)).unwrap().0
+}
+
+fn config_toml(issuer: &str) -> String {
+    format!(
         r#"
 [dataplane]
 interfaces = [{{ name = "eth0" }}]
@@ -96,8 +100,7 @@ services = ["web"]
 action = "allow"
 max_session_lifetime = "1h"
 "#
-    );
-    Config::parse(&toml).unwrap().0
+    )
 }
 
 async fn world() -> World {
@@ -119,9 +122,9 @@ async fn app_for(idp: &TestIdp, fetch_keys: bool) -> (App, Map) {
     let catalog = Arc::new(Catalog::from_config(&config));
     let ep = &config.session_endpoint;
     let app = App {
-        verifier,
-        policy: config.policy(),
-        catalog: catalog.clone(),
+        verifier: verifier.into(),
+        policy: config.policy().into(),
+        catalog: catalog.clone().into(),
         sessions: Mutex::new(SessionManager::new(
             Box::new(FakeStore(map.clone())),
             catalog,
@@ -137,6 +140,10 @@ async fn app_for(idp: &TestIdp, fetch_keys: bool) -> (App, Map) {
         limits: Limits::for_tokens(16 * 1024),
         metrics: Default::default(),
         audit: Default::default(),
+        reload: tokio::sync::Mutex::new(crate::runtime::reload::ReloadState {
+            config: Some(config.clone()),
+            ..Default::default()
+        }),
     };
     (app, map)
 }
@@ -465,4 +472,141 @@ async fn tls_config_loads_pem_files() {
     assert!(e.contains("key"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
     let _ = Duration::ZERO;
+}
+
+fn reloaded_config(toml: &str) -> Config {
+    Config::parse(toml).unwrap_or_else(|e| panic!("{e}")).0
+}
+
+#[tokio::test]
+async fn reload_revokes_what_the_new_policy_refuses_and_caps_the_rest() {
+    let w = world().await;
+    let (status, _, _) = w.login(&w.token("alice", &["web"], 3000), CLIENT).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, _) = w
+        .login(&w.token("bob", &["web", "ops"], 3000), "192.0.2.8")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let audit_path =
+        std::env::temp_dir().join(format!("idgate-reload-audit-{}", std::process::id()));
+    let _ = std::fs::remove_file(&audit_path);
+    let audit = crate::session::audit::AuditLog::open(&crate::config::AuditConfig::File(
+        audit_path.clone(),
+    ))
+    .unwrap();
+    w.app.sessions().set_audit(audit);
+
+    // Only group ops from now on, and at most 10 minutes; the rule also moves to id 2.
+    let toml = config_toml(&w.idp.issuer)
+        .replace(r#"sources = ["group:web"]"#, r#"sources = ["group:ops"]"#)
+        .replace(r#"max_session_lifetime = "1h""#, r#"max_session_lifetime = "10m""#)
+        .replace(
+            "[[policy.rules]]\nname = \"web-users\"",
+            "[[policy.rules]]\nname = \"off\"\nenabled = false\nservices = [\"ssh\"]\naction = \"allow\"\n\n[[policy.rules]]\nname = \"ops-web\"",
+        );
+    let report = crate::runtime::reload::reload(&w.app, reloaded_config(&toml))
+        .await
+        .unwrap();
+    assert_eq!(report.sessions.revoked, 1);
+    assert_eq!(report.sessions.sources_ended, 1);
+    assert_eq!(report.sessions.updated, 1);
+    assert!(!report.issuers_changed);
+    assert_eq!(w.keys(), [(ip("192.0.2.8"), 1, 2)]);
+    let (status, _) = w.admin(Method::GET, "/v1/whois/192.0.2.7").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (_, bob) = w.admin(Method::GET, "/v1/whois/192.0.2.8").await;
+    assert_eq!(
+        bob["services"][0]["rule"],
+        json!({"id": 2, "name": "ops-web"})
+    );
+    let expires = w
+        .app
+        .sessions()
+        .table()
+        .get(ip("192.0.2.8"))
+        .unwrap()
+        .grants[&ServiceId::new(1).unwrap()]
+        .expires_at;
+    let left = expires
+        .duration_since(std::time::SystemTime::now())
+        .unwrap();
+    assert!(left <= Duration::from_secs(600), "{left:?}");
+    assert!(left > Duration::from_secs(590), "{left:?}");
+    let records: Vec<Value> = std::fs::read_to_string(&audit_path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    std::fs::remove_file(&audit_path).unwrap();
+    let ends: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["event"] == "session-end")
+        .collect();
+    assert_eq!(ends.len(), 1, "{records:?}");
+    assert_eq!(ends[0]["session_end_reason"], "policy-changed");
+    assert_eq!(ends[0]["srcuser"], "alice");
+    // New logins follow the new policy.
+    let (status, _, _) = w.login(&w.token("alice", &["web"], 3000), CLIENT).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(w.app.metrics.reloads(), 1);
+    assert_eq!(w.app.metrics.reloads_failed(), 0);
+}
+
+#[tokio::test]
+async fn a_refused_reload_changes_nothing() {
+    let w = world().await;
+    let (status, _, _) = w.login(&w.token("alice", &["web"], 3000), CLIENT).await;
+    assert_eq!(status, StatusCode::OK);
+    let before = w.keys();
+
+    // Settings that need a restart: every one is named, nothing else is applied.
+    let toml = config_toml(&w.idp.issuer)
+        .replace("name = \"eth0\"", "name = \"eth1\"")
+        .replace("127.0.0.1:8443", "127.0.0.1:9443")
+        .replace(r#"sources = ["group:web"]"#, r#"sources = ["group:ops"]"#);
+    let e = crate::runtime::reload::reload(&w.app, reloaded_config(&toml))
+        .await
+        .unwrap_err();
+    assert_eq!(e.errors.len(), 2, "{e}");
+    assert!(e.errors[0].contains("dataplane.interfaces") && e.errors[0].contains("restart"));
+    assert!(e.errors[1].contains("session_endpoint.listen"));
+    assert_eq!(w.keys(), before);
+    let (status, _, _) = w
+        .login(&w.token("carol", &["web"], 3000), "192.0.2.9")
+        .await;
+    assert_eq!(status, StatusCode::OK, "the old policy is still in force");
+
+    // The admin API: no file to re-read here; then a file with a syntax error and one with
+    // semantic errors (every error reported).
+    let (status, body, _) = decode(admin::reload(&w.app, &Method::POST).await).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body["error"], "reload_failed");
+    let dir = std::env::temp_dir().join(format!("idgate-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("idgate.toml");
+    w.app.reload.lock().await.path = Some(path.clone());
+    std::fs::write(&path, "[policy\n").unwrap();
+    let (status, body, _) = decode(admin::reload(&w.app, &Method::POST).await).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(!body["errors"].as_array().unwrap().is_empty());
+    let semantic = config_toml(&w.idp.issuer)
+        .replace("port = 22", "port = 0")
+        .replace(r#"services = ["web"]"#, r#"services = ["nope"]"#);
+    std::fs::write(&path, semantic).unwrap();
+    let (status, body, _) = decode(admin::reload(&w.app, &Method::POST).await).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(body["errors"].as_array().unwrap().len() >= 2, "{body}");
+    let (status, _, _) = decode(admin::reload(&w.app, &Method::GET).await).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(w.app.metrics.reloads(), 0);
+    assert_eq!(w.app.metrics.reloads_failed(), 4);
+    assert_eq!(w.keys().len(), 2);
+
+    // The same file, fixed: applied.
+    std::fs::write(&path, config_toml(&w.idp.issuer)).unwrap();
+    let (status, body, _) = decode(admin::reload(&w.app, &Method::POST).await).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["sessions"]["revoked"], 0);
+    assert_eq!(w.app.metrics.reloads(), 1);
+    std::fs::remove_dir_all(&dir).unwrap();
 }

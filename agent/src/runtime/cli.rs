@@ -104,7 +104,11 @@ pub fn run(args: RunArgs) -> i32 {
             return exit::FAILURE;
         }
     };
-    match runtime.block_on(super::run(config, super::shutdown_signal())) {
+    match runtime.block_on(super::run_from(
+        config,
+        Some(args.config.clone()),
+        super::shutdown_signal(),
+    )) {
         Ok(()) => exit::OK,
         Err(e) => {
             tracing::error!(error = %e, "idgate stopped");

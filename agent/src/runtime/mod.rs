@@ -12,9 +12,11 @@
 //! admin socket, and drops the data plane, which detaches the programs.
 
 pub mod cli;
+pub mod reload;
 
 use std::{
     future::Future,
+    path::PathBuf,
     sync::{Arc, Mutex, OnceLock},
     time::Duration,
 };
@@ -116,6 +118,18 @@ pub async fn shutdown_signal() {
 
 /// Runs the daemon until `shutdown` resolves. Needs a multi-threaded Tokio runtime.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    run_from(config, None, shutdown).await
+}
+
+/// [`run`] for a configuration read from `config_path`: SIGHUP (and `POST /v1/reload` on the
+/// admin socket) re-reads that file and applies it ([`reload::reload_file`]).
+pub async fn run_from(
+    config: Config,
+    config_path: Option<PathBuf>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let notify = crate::notify::Notifier::from_env();
+    notify.status("checking the configuration");
     // What the configuration can get wrong, before the kernel is touched.
     let verifier = Verifier::new(wiring::all_issuer_settings(&config.issuers)?)?;
     let endpoint = SessionEndpoint::bind(&config.session_endpoint).await?;
@@ -134,6 +148,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         metrics_server.map(|m| tasks.spawn(m.serve(metrics.clone(), app_cell.clone())).id());
 
     // Enforcement: closed for everyone without a session from here on.
+    notify.status("loading and attaching the data plane");
     let mut dp = Dataplane::load(config.dataplane.load_options())?;
     // Sessions pinned by an earlier run: this run does not know their owners. They stay, enforced
     // by the kernel until they expire (and are then swept), unless a login from the same source
@@ -168,10 +183,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.dataplane.max_session_lifetime,
     );
     sessions.set_audit(audit.clone());
+    let reload_state = reload::ReloadState {
+        config: Some(config.clone()),
+        path: config_path.clone(),
+        tls: endpoint.tls_slot(),
+        refresh: None,
+    };
     let app = Arc::new(App {
-        verifier,
-        policy: config.policy(),
-        catalog,
+        verifier: verifier.into(),
+        policy: config.policy().into(),
+        catalog: catalog.into(),
         sessions: Mutex::new(sessions),
         limiter: Mutex::new(FailureLimiter::new(
             ep.failed_attempts_per_minute,
@@ -182,6 +203,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         limits: Limits::for_tokens(max_token_bytes),
         metrics: metrics.clone(),
         audit,
+        reload: tokio::sync::Mutex::new(reload_state),
     });
 
     let _ = app_cell.set(app.clone());
@@ -208,46 +230,77 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         services = config.services.len(),
         "idgate running"
     );
+    notify.ready(&format!(
+        "enforcing on {} interface(s), {} service(s)",
+        config.dataplane.interfaces.len(),
+        config.services.len()
+    ));
 
-    let result = tokio::select! {
-        () = shutdown => {
-            tracing::info!("shutting down");
-            Ok(())
-        }
-        Some(ended) = tasks.join_next_with_id() => {
-            let id = match &ended {
-                Ok((id, ())) => *id,
-                Err(e) => e.id(),
-            };
-            let name = if id == endpoint_id {
-                "the session endpoint"
-            } else if id == admin_id {
-                "the admin socket"
-            } else if Some(id) == metrics_id {
-                "the metrics endpoint"
-            } else {
-                names.iter().find(|(i, _)| *i == id).map_or("a task", |(_, n)| n)
-            };
-            if let Err(e) = ended
-                && e.is_panic()
-            {
-                tracing::error!(task = name, "panicked");
+    // SIGHUP reloads the file; without a file it keeps its default action (not installed).
+    let mut hangup = match config_path {
+        Some(_) => tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .inspect_err(|e| tracing::warn!(error = %e, "no SIGHUP handler: reload via the admin socket only"))
+            .ok(),
+        None => None,
+    };
+    let mut shutdown = std::pin::pin!(shutdown);
+    let result = loop {
+        tokio::select! {
+            () = &mut shutdown => {
+                tracing::info!("shutting down");
+                break Ok(())
             }
-            Err(RunError::TaskEnded(name))
+            Some(()) = next_hangup(&mut hangup) => {
+                tracing::info!("SIGHUP received: reloading the configuration");
+                // Logged and counted inside; the daemon carries on either way.
+                let _ = reload::reload_file(&app).await;
+            }
+            Some(ended) = tasks.join_next_with_id() => {
+                let id = match &ended {
+                    Ok((id, ())) => *id,
+                    Err(e) => e.id(),
+                };
+                let name = if id == endpoint_id {
+                    "the session endpoint"
+                } else if id == admin_id {
+                    "the admin socket"
+                } else if Some(id) == metrics_id {
+                    "the metrics endpoint"
+                } else {
+                    names.iter().find(|(i, _)| *i == id).map_or("a task", |(_, n)| n)
+                };
+                if let Err(e) = ended
+                    && e.is_panic()
+                {
+                    tracing::error!(task = name, "panicked");
+                }
+                break Err(RunError::TaskEnded(name))
+            }
         }
     };
     // Endpoints first (no login lands after this), then the data plane.
+    notify.stopping("stopping");
     app.metrics.set_ready(false);
     tasks.shutdown().await;
+    app.reload.lock().await.refresh = None;
     let left = app.sessions().table().entries();
     app.sessions().close();
     tracing::info!(sessions = left, "data plane detached; idgate stopped");
     result
 }
 
+/// The next SIGHUP; never, without a handler.
+async fn next_hangup(hangup: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match hangup {
+        Some(h) => h.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Fetches the issuers' keys once (loudly reporting failures), then keeps them fresh.
 async fn keep_keys(app: Arc<App>) {
-    for (issuer, result) in app.verifier.refresh_all().await {
+    let verifier = app.verifier.get();
+    for (issuer, result) in verifier.refresh_all().await {
         match result {
             Ok(keys) => tracing::info!(%issuer, keys, "signing keys fetched"),
             Err(e) => tracing::error!(
@@ -258,16 +311,27 @@ async fn keep_keys(app: Arc<App>) {
             ),
         }
     }
-    let _refresh = app.verifier.spawn_refresh();
+    {
+        // A reload that replaced the verifier meanwhile started its refresh already.
+        let mut state = app.reload.lock().await;
+        if state.refresh.is_none() && Arc::ptr_eq(&verifier, &app.verifier.get()) {
+            state.refresh = Some(verifier.spawn_refresh());
+        }
+    }
     std::future::pending::<()>().await;
 }
 
 async fn sweep(app: Arc<App>) {
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // systemd's watchdog is fed from here: a wedged sweeper (or session lock) stops the pings.
+    let mut watchdog = crate::notify::Watchdog::from_env();
     loop {
         tick.tick().await;
         app.sessions().sweep();
+        if let Some(w) = &mut watchdog {
+            w.tick();
+        }
     }
 }
 
@@ -316,9 +380,9 @@ async fn forward_events(mut events: AsyncEventReader, app: Arc<App>) {
 }
 
 fn flow_record(app: &App, e: &DataplaneEvent, budget: &mut FlowBudget) {
-    let rule = (e.rule_id != 0)
-        .then(|| app.policy.rule(e.rule_id))
-        .flatten();
+    let policy = app.policy.get();
+    let catalog = app.catalog.get();
+    let rule = (e.rule_id != 0).then(|| policy.rule(e.rule_id)).flatten();
     if rule.is_some_and(|r| !r.log) {
         return;
     }
@@ -345,7 +409,7 @@ fn flow_record(app: &App, e: &DataplaneEvent, budget: &mut FlowBudget) {
         src: e.source,
         dst: e.destination,
         proto: &proto,
-        app: app.catalog.get_raw(e.service_id).map(|s| s.name.as_str()),
+        app: catalog.get_raw(e.service_id).map(|s| s.name.as_str()),
         srcuser: user.as_ref().map(|u| u.user.as_str()),
         rule: rule.map(|r| r.name.as_str()),
     });

@@ -20,9 +20,10 @@ use super::{
 };
 use crate::{
     dataplane::{
-        Dataplane, DataplaneError, EventStats, Protocol, ServiceCounters, ServiceId, Session,
+        CidrRule, Dataplane, DataplaneError, EventStats, Protocol, Service, ServiceCounters,
+        ServiceId, Session,
     },
-    policy::{Action, ServiceDecision},
+    policy::{Action, Identity, ServiceDecision},
 };
 
 /// The data plane as the session layer uses it (a fake in unit tests).
@@ -41,6 +42,14 @@ pub trait SessionStore: Send {
     fn counters(&self) -> Result<Vec<ServiceCounters>, DataplaneError> {
         Ok(Vec::new())
     }
+    /// Replaces the protected services (a configuration reload).
+    fn set_services(&mut self, _services: &[Service]) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+    /// Replaces the CIDR rules (a configuration reload).
+    fn set_cidr_rules(&mut self, _rules: &[CidrRule]) -> Result<(), DataplaneError> {
+        Ok(())
+    }
 }
 
 impl SessionStore for Dataplane {
@@ -58,6 +67,12 @@ impl SessionStore for Dataplane {
     }
     fn counters(&self) -> Result<Vec<ServiceCounters>, DataplaneError> {
         Dataplane::counters(self)
+    }
+    fn set_services(&mut self, services: &[Service]) -> Result<(), DataplaneError> {
+        Dataplane::set_services(self, services)
+    }
+    fn set_cidr_rules(&mut self, rules: &[CidrRule]) -> Result<(), DataplaneError> {
+        Dataplane::set_cidr_rules(self, rules)
     }
 }
 
@@ -105,6 +120,30 @@ pub struct Removed {
     pub sources: usize,
     /// Sessions (source, service) that ended.
     pub sessions: usize,
+}
+
+/// What a configuration reload did to the sessions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Reevaluated {
+    /// Sessions (source, service) the new policy no longer allows; ended.
+    pub revoked: usize,
+    /// Sources left without any session.
+    pub sources_ended: usize,
+    /// Sessions still allowed whose rule or expiry changed.
+    pub updated: usize,
+}
+
+/// The data-plane side of a configuration reload.
+#[derive(Debug)]
+pub struct DataplaneUpdate<'a> {
+    /// The new protected services.
+    pub services: &'a [Service],
+    /// The new CIDR rules.
+    pub cidr_rules: &'a [CidrRule],
+    /// The services in force, restored if the new ones cannot be applied.
+    pub old_services: &'a [Service],
+    /// The CIDR rules in force, restored if the new ones cannot be applied.
+    pub old_cidr_rules: &'a [CidrRule],
 }
 
 /// The session table and the data plane it drives.
@@ -236,6 +275,67 @@ impl SessionManager {
             replaced: login.replaced,
             granted: login.granted,
         })
+    }
+
+    /// Remembers how the policy saw the identity just logged in at `source` (scopes and claims
+    /// included), for reloads to evaluate the new policy against.
+    pub fn set_policy_identity(&mut self, source: IpAddr, identity: Arc<Identity>) {
+        self.table.set_policy_identity(source, identity);
+    }
+
+    /// A configuration reload: re-evaluates every session with `decide` (see
+    /// [`SessionTable::reevaluate`](super::SessionTable::reevaluate)), removes from the kernel
+    /// what is no longer allowed, then writes the new services and CIDR rules, then the sessions
+    /// whose rule or expiry changed; audits the ended sessions (`policy-changed`) and names
+    /// services from `catalog` from then on.
+    ///
+    /// Removing first means no moment allows more than either policy. If the data plane refuses
+    /// the new services or CIDR rules, the old ones are written back and the error returned; the
+    /// sessions already ended stay ended (fail closed) and the caller keeps the old policy.
+    pub fn reload(
+        &mut self,
+        catalog: Arc<Catalog>,
+        max_lifetime: Duration,
+        dataplane: DataplaneUpdate<'_>,
+        decide: impl FnMut(IpAddr, &super::SourceRecord) -> Vec<ServiceDecision>,
+    ) -> Result<Reevaluated, DataplaneError> {
+        let now = Now::current();
+        let change = self.table.reevaluate(now, max_lifetime, decide);
+        let outcome = Reevaluated {
+            revoked: change.ended.len(),
+            sources_ended: change.sources_ended,
+            updated: change.upsert.len(),
+        };
+        if !change.remove.is_empty()
+            && let Err(e) = self.store.remove_sessions(&change.remove)
+        {
+            tracing::error!(error = %e, "removing sessions the new policy refuses failed; will reconcile");
+            self.dirty = true;
+        }
+        self.audit_ended(&change.ended);
+        let applied = self
+            .store
+            .set_services(dataplane.services)
+            .and_then(|()| self.store.set_cidr_rules(dataplane.cidr_rules));
+        if let Err(e) = applied {
+            let restored = self
+                .store
+                .set_services(dataplane.old_services)
+                .and_then(|()| self.store.set_cidr_rules(dataplane.old_cidr_rules));
+            if let Err(r) = restored {
+                tracing::error!(error = %r, "restoring the previous services and CIDR rules failed");
+            }
+            self.dirty = true;
+            return Err(e);
+        }
+        if !change.upsert.is_empty()
+            && let Err(e) = self.store.upsert_sessions(&change.upsert)
+        {
+            tracing::error!(error = %e, "updating sessions after a reload failed; will reconcile");
+            self.dirty = true;
+        }
+        self.catalog = catalog;
+        Ok(outcome)
     }
 
     /// Ends the sessions of `source` (the client logged out).

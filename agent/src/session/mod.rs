@@ -27,7 +27,10 @@ use crate::{
 pub use self::{
     ids::IdAllocator,
     limiter::{DEFAULT_CAPACITY as LIMITER_CAPACITY, FailureLimiter},
-    manager::{LoginOutcome, Removed, SessionError, SessionManager, SessionStore},
+    manager::{
+        DataplaneUpdate, LoginOutcome, Reevaluated, Removed, SessionError, SessionManager,
+        SessionStore,
+    },
     table::{
         Change, EndReason, Ended, Grant, IdentityRecord, Login, NewIdentity, Now, ServiceView,
         SessionTable, SessionView, SourceRecord, TableError, grant_expiry,

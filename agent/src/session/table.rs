@@ -17,7 +17,7 @@ use serde::Serialize;
 use super::{ids::IdAllocator, time::rfc3339};
 use crate::{
     dataplane::{Expiry, ServiceId, Session},
-    policy::{Action, MatchedRule, ServiceDecision},
+    policy::{Action, Identity, MatchedRule, ServiceDecision},
 };
 
 /// One instant on both clocks: the wall clock for token `exp`, the kernel's monotonic clock for
@@ -77,6 +77,8 @@ pub struct Grant {
     pub service_name: String,
     /// The rule that allowed it.
     pub rule: MatchedRule,
+    /// When it was granted (its lifetime counts from here).
+    pub started: Expiry,
     /// When the kernel stops letting it through.
     pub expires: Expiry,
     /// The same instant on the wall clock, for people.
@@ -97,6 +99,9 @@ pub struct SourceRecord {
     pub token_expires_at: SystemTime,
     /// The services it may reach.
     pub grants: BTreeMap<ServiceId, Grant>,
+    /// The identity as the policy saw it at login (scopes and claims included), so that a
+    /// configuration reload can evaluate the new policy for it.
+    pub policy_identity: Option<Arc<Identity>>,
 }
 
 /// Why a session ended (PAN-OS `session_end_reason` style).
@@ -115,6 +120,8 @@ pub enum EndReason {
     Refreshed,
     /// The data plane refused a change; the source was cleared to fail closed.
     Error,
+    /// A configuration reload: the new policy no longer allows it.
+    PolicyChanged,
 }
 
 impl EndReason {
@@ -127,6 +134,7 @@ impl EndReason {
             EndReason::Replaced => "replaced",
             EndReason::Refreshed => "refreshed",
             EndReason::Error => "error",
+            EndReason::PolicyChanged => "policy-changed",
         }
     }
 }
@@ -264,6 +272,7 @@ impl SessionTable {
                     service: d.service_id,
                     service_name: d.service.clone(),
                     rule,
+                    started: now.mono,
                     expires,
                     expires_at,
                     log: d.log,
@@ -338,6 +347,7 @@ impl SessionTable {
                     since,
                     token_expires_at,
                     grants,
+                    policy_identity: None,
                 },
             );
         }
@@ -417,6 +427,105 @@ impl SessionTable {
             }
             if record.grants.is_empty() {
                 emptied.push(*source);
+            }
+        }
+        for source in emptied {
+            if let Some(old) = self.sources.remove(&source) {
+                self.release(old.identity.id);
+                change.sources_ended += 1;
+            }
+        }
+        change
+    }
+
+    /// Remembers how the policy saw the identity logged in at `source` (for reloads).
+    pub fn set_policy_identity(&mut self, source: IpAddr, identity: Arc<Identity>) {
+        if let Some(r) = self.sources.get_mut(&source.to_canonical()) {
+            r.policy_identity = Some(identity);
+        }
+    }
+
+    /// The global lifetime bound.
+    pub fn max_lifetime(&self) -> Duration {
+        self.max_lifetime
+    }
+
+    /// A configuration reload: `decide` gives the new policy's decisions for each source. A
+    /// grant the new decisions do not allow with a session (or that now names another service:
+    /// ids follow the file order) ends with [`EndReason::PolicyChanged`]; a grant still allowed
+    /// keeps its expiry, capped by the new rule and global lifetimes counted from when it was
+    /// granted, and takes the new rule's id, name and logging. `max_lifetime` bounds later
+    /// logins too.
+    pub fn reevaluate(
+        &mut self,
+        now: Now,
+        max_lifetime: Duration,
+        mut decide: impl FnMut(IpAddr, &SourceRecord) -> Vec<ServiceDecision>,
+    ) -> Change {
+        self.max_lifetime = max_lifetime;
+        let mut change = Change::default();
+        let mut emptied = Vec::new();
+        let mut sources: Vec<IpAddr> = self.sources.keys().copied().collect();
+        sources.sort();
+        for source in sources {
+            let Some(record) = self.sources.get_mut(&source) else {
+                continue;
+            };
+            let decisions = decide(source, record);
+            let services: Vec<ServiceId> = record.grants.keys().copied().collect();
+            for service in services {
+                let Some(grant) = record.grants.get_mut(&service) else {
+                    continue;
+                };
+                let kept = decisions
+                    .iter()
+                    .find(|d| d.service_id == service && d.service == grant.service_name)
+                    .filter(|d| d.action == Action::Allow && d.needs_session)
+                    .and_then(|d| {
+                        let rule = d.rule.clone()?;
+                        let lifetime = d
+                            .max_session_lifetime
+                            .unwrap_or(max_lifetime)
+                            .min(max_lifetime);
+                        let ns = u64::try_from(lifetime.as_nanos()).unwrap_or(u64::MAX);
+                        let cap = Expiry::from_ns(grant.started.as_ns().saturating_add(ns));
+                        let expires = grant.expires.min(cap);
+                        (expires > now.mono).then_some((rule, expires, d.log))
+                    });
+                match kept {
+                    Some((rule, expires, log)) => {
+                        if expires == grant.expires && rule == grant.rule && log == grant.log {
+                            continue;
+                        }
+                        let shortened = grant.expires.as_ns().saturating_sub(expires.as_ns());
+                        grant.expires_at -= Duration::from_nanos(shortened);
+                        grant.expires = expires;
+                        grant.rule = rule;
+                        grant.log = log;
+                        change.upsert.push(Session {
+                            source,
+                            service,
+                            expires,
+                            identity_id: record.identity.id,
+                            rule_id: grant.rule.id,
+                        });
+                    }
+                    None => {
+                        if let Some(grant) = record.grants.remove(&service) {
+                            self.entries -= 1;
+                            change.remove.push((source, service));
+                            change.ended.push(Ended {
+                                source,
+                                identity: record.identity.clone(),
+                                grant,
+                                reason: EndReason::PolicyChanged,
+                            });
+                        }
+                    }
+                }
+            }
+            if record.grants.is_empty() {
+                emptied.push(source);
             }
         }
         for source in emptied {
