@@ -2,7 +2,7 @@
 
 use std::{net::IpAddr, path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
 use idgate::{
     config::{self, Config, Diagnostic, LoadError},
     exit,
@@ -10,7 +10,12 @@ use idgate::{
 };
 
 #[derive(Parser)]
-#[command(name = "idgate", about = "Identity-aware host firewall", version)]
+#[command(
+    name = "idgate",
+    about = "Identity-aware host firewall",
+    version,
+    after_help = exit::HELP
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -40,8 +45,19 @@ enum Command {
     Run(idgate::runtime::cli::RunArgs),
     /// List or revoke sessions (through the admin socket).
     Sessions(idgate::runtime::cli::SessionsArgs),
-    /// Show who is logged in from an address (through the admin socket).
+    /// Show who is logged in from an address (through the admin socket); exit 5 if nobody is.
     Whois(idgate::runtime::cli::WhoisArgs),
+    /// Show the running agent: interfaces, programs, sessions, counters, issuers (through the
+    /// admin socket).
+    Status(idgate::runtime::cli::AgentArgs),
+    /// Make the running agent re-read its configuration file (as SIGHUP does) and print what
+    /// changed, or every error (exit 2; the running configuration stays in force).
+    Reload(idgate::runtime::cli::AgentArgs),
+    /// Print a shell completion script.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// End pinned enforcement: detach every pinned link and remove the pin directory (sessions
     /// included). For after `idgate run` has stopped, or to clear an incompatible layout.
     Cleanup {
@@ -131,6 +147,13 @@ fn main() -> ExitCode {
         Command::Run(args) => idgate::runtime::cli::run(args),
         Command::Sessions(args) => idgate::runtime::cli::sessions(args),
         Command::Whois(args) => idgate::runtime::cli::whois(args),
+        Command::Status(args) => idgate::runtime::cli::status(args),
+        Command::Reload(args) => idgate::runtime::cli::reload(args),
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "idgate", &mut script);
+            write_stdout(&String::from_utf8_lossy(&script))
+        }
         Command::Cleanup { pin_dir } => match idgate::dataplane::cleanup(&pin_dir) {
             Ok(detached) => {
                 for l in &detached {

@@ -78,11 +78,12 @@ fn a_bad_log_filter_is_a_usage_error() {
 fn admin_clients_say_when_no_daemon_answers() {
     let socket = std::env::temp_dir().join(format!("idgate-none-{}.sock", std::process::id()));
     let socket = socket.to_str().unwrap();
+    // Exit 3: the agent is not running (no socket).
     let o = idgate(&["whois", "192.0.2.7", "--socket", socket]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(3));
     assert!(stderr(&o).contains("is idgate running"), "{}", stderr(&o));
     let o = idgate(&["sessions", "list", "--socket", socket]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(3));
     let o = idgate(&["sessions", "revoke", "--socket", socket]);
     assert_eq!(o.status.code(), Some(64), "revoke needs --source or --user");
 }

@@ -6,7 +6,9 @@
 //! - `GET /v1/sessions`: every source with its sessions.
 //! - `DELETE /v1/sessions?source=ADDR` or `?user=NAME`: revoke (user matches the user claim or
 //!   the subject, from any issuer); answers how many sources and sessions were removed.
-//! - `GET /v1/status`: sessions, identities, issuers' key status, data-plane event losses.
+//! - `GET /v1/status`: interfaces with their attach mode and program id, sessions (and the
+//!   map's capacity), identities, packet and byte counters per service and verdict reason,
+//!   issuers' key status, data-plane event losses.
 
 use std::{
     convert::Infallible,
@@ -153,13 +155,39 @@ struct IssuerStatus {
     last_refresh_ok: Option<String>,
 }
 
+/// One interface enforcement is attached to.
+#[derive(Debug, Serialize)]
+struct InterfaceStatus {
+    name: String,
+    mode: String,
+    program_id: u32,
+}
+
+/// Packets and bytes.
+#[derive(Debug, Serialize)]
+struct CountStatus {
+    packets: u64,
+    bytes: u64,
+}
+
+/// One service's counters, by verdict reason (reasons with no traffic left out).
+#[derive(Debug, Serialize)]
+struct ServiceStatus {
+    service: String,
+    reasons: std::collections::BTreeMap<&'static str, CountStatus>,
+    rst_sent: CountStatus,
+}
+
 /// The agent's status.
 #[derive(Debug, Serialize)]
 struct Status {
     version: &'static str,
+    interfaces: Vec<InterfaceStatus>,
     sources: usize,
     sessions: usize,
+    capacity: Option<u32>,
     identities: usize,
+    counters: Vec<ServiceStatus>,
     issuers: Vec<IssuerStatus>,
     events_suppressed: u64,
     events_lost: u64,
@@ -264,16 +292,54 @@ fn revoke(app: &App, query: &str) -> HttpResponse {
 }
 
 fn status(app: &App) -> HttpResponse {
-    let (sources, sessions, identities, stats) = {
+    let (sources, sessions, identities, stats, attachments, capacity, counters) = {
         let m = app.sessions();
         let t = m.table();
+        let counters = m.store().counters().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "status: reading the data plane's counters failed");
+            Vec::new()
+        });
         (
             t.len(),
             t.entries(),
             t.identities(),
             m.store().event_stats().unwrap_or_default(),
+            m.store().attachments(),
+            m.store().capacity(),
+            counters,
         )
     };
+    let interfaces = attachments
+        .into_iter()
+        .map(|a| InterfaceStatus {
+            name: a.interface,
+            mode: a.mode.to_string(),
+            program_id: a.program_id,
+        })
+        .collect();
+    let catalog = app.catalog.get();
+    let count = |c: crate::dataplane::Count| CountStatus {
+        packets: c.packets,
+        bytes: c.bytes,
+    };
+    let counters = counters
+        .into_iter()
+        .map(|c| ServiceStatus {
+            service: match c.service_id {
+                0 => "unattributed".to_owned(),
+                id => catalog
+                    .get_raw(id)
+                    .map_or_else(|| format!("service-{id}"), |s| s.name.clone()),
+            },
+            reasons: c
+                .by_reason
+                .iter()
+                .filter(|(_, n)| n.packets > 0)
+                .map(|(r, n)| (r.as_str(), count(*n)))
+                .collect(),
+            rst_sent: count(c.rst_sent),
+        })
+        .collect();
     let mut issuers: Vec<IssuerStatus> = app
         .verifier
         .get()
@@ -292,9 +358,12 @@ fn status(app: &App) -> HttpResponse {
         StatusCode::OK,
         &Status {
             version: env!("CARGO_PKG_VERSION"),
+            interfaces,
             sources,
             sessions,
+            capacity,
             identities,
+            counters,
             issuers,
             events_suppressed: stats.suppressed,
             events_lost: stats.ring_full,

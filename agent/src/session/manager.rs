@@ -20,8 +20,8 @@ use super::{
 };
 use crate::{
     dataplane::{
-        CidrRule, Dataplane, DataplaneError, EventStats, Protocol, Service, ServiceCounters,
-        ServiceId, Session,
+        Attached, CidrRule, Dataplane, DataplaneError, EventStats, Protocol, Service,
+        ServiceCounters, ServiceId, Session,
     },
     policy::{Action, Identity, ServiceDecision},
 };
@@ -45,6 +45,14 @@ pub trait SessionStore: Send {
     /// Replaces the protected services (a configuration reload).
     fn set_services(&mut self, _services: &[Service]) -> Result<(), DataplaneError> {
         Ok(())
+    }
+    /// Where enforcement is attached (for the status): interface, how, and the program's id.
+    fn attachments(&self) -> Vec<Attachment> {
+        Vec::new()
+    }
+    /// Capacity of the kernel's sessions map, if there is one.
+    fn capacity(&self) -> Option<u32> {
+        None
     }
     /// Replaces the CIDR rules (a configuration reload).
     fn set_cidr_rules(&mut self, _rules: &[CidrRule]) -> Result<(), DataplaneError> {
@@ -74,6 +82,46 @@ impl SessionStore for Dataplane {
     fn set_cidr_rules(&mut self, rules: &[CidrRule]) -> Result<(), DataplaneError> {
         Dataplane::set_cidr_rules(self, rules)
     }
+    fn attachments(&self) -> Vec<Attachment> {
+        let xdp = self
+            .xdp_program()
+            .ok()
+            .and_then(|p| p.info().ok())
+            .map(|i| i.id());
+        let tc = self
+            .tc_program()
+            .ok()
+            .and_then(|p| p.info().ok())
+            .map(|i| i.id());
+        let mut out: Vec<Attachment> = Dataplane::attachments(self)
+            .into_iter()
+            .map(|(interface, mode)| Attachment {
+                interface,
+                mode,
+                program_id: match mode {
+                    Attached::Tc => tc,
+                    Attached::XdpNative | Attached::XdpGeneric => xdp,
+                }
+                .unwrap_or(0),
+            })
+            .collect();
+        out.sort_by(|a, b| a.interface.cmp(&b.interface));
+        out
+    }
+    fn capacity(&self) -> Option<u32> {
+        Some(self.max_sessions())
+    }
+}
+
+/// One interface enforcement is attached to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    /// The interface's name.
+    pub interface: String,
+    /// How the program is attached.
+    pub mode: Attached,
+    /// The attached program's kernel id (0 if it could not be read).
+    pub program_id: u32,
 }
 
 /// The store of a closed manager: refuses every change.

@@ -28,8 +28,8 @@ pub use self::{
     ids::IdAllocator,
     limiter::{DEFAULT_CAPACITY as LIMITER_CAPACITY, FailureLimiter},
     manager::{
-        DataplaneUpdate, LoginOutcome, Reevaluated, Removed, SessionError, SessionManager,
-        SessionStore,
+        Attachment, DataplaneUpdate, LoginOutcome, Reevaluated, Removed, SessionError,
+        SessionManager, SessionStore,
     },
     table::{
         Change, EndReason, Ended, Grant, IdentityRecord, Login, NewIdentity, Now, ServiceView,
