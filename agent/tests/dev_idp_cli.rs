@@ -1,30 +1,20 @@
 //! `idgate dev-idp` as a process: the warning, the `READY` line, tokens that idgate's verifier
 //! accepts, a clean exit on SIGTERM, and a refused clients file.
 
+mod common;
+
 use std::{
     io::{BufRead as _, BufReader, Read as _},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::mpsc,
     thread,
     time::Duration,
 };
 
+use common::{DEADLINE, IDGATE, Running};
 use idgate::identity::{IssuerSettings, Verifier};
 
-const IDGATE: &str = env!("CARGO_BIN_EXE_idgate");
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/devidp.example.toml");
-/// How long the process may take to start or stop.
-const DEADLINE: Duration = Duration::from_secs(20);
-
-/// Kills the child if the test fails before it is stopped.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[tokio::test]
 async fn serves_tokens_the_verifier_accepts_and_stops_on_sigterm() {

@@ -1,27 +1,18 @@
 //! `idgate policy explain --token`: a real token from `idgate dev-idp` is verified against the
 //! configured issuer (keys fetched over HTTP) and explained per service, without any data plane.
 
+mod common;
+
 use std::{
     io::{BufRead as _, BufReader},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::mpsc,
     thread,
-    time::Duration,
 };
 
-const IDGATE: &str = env!("CARGO_BIN_EXE_idgate");
+use common::{DEADLINE, IDGATE, Running};
+
 const CLIENTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/devidp.example.toml");
-const DEADLINE: Duration = Duration::from_secs(20);
-
-/// Kills the dev IdP when the test ends, however it ends.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn start_dev_idp() -> (Running, String) {
     let mut child = Running(
