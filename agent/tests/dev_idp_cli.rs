@@ -4,14 +4,13 @@
 mod common;
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _},
+    io::Read as _,
     process::{Command, Stdio},
-    sync::mpsc,
     thread,
     time::Duration,
 };
 
-use common::{DEADLINE, IDGATE, Running};
+use common::{DEADLINE, IDGATE, Running, ready_lines};
 use idgate::identity::{IssuerSettings, Verifier};
 
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/devidp.example.toml");
@@ -27,15 +26,7 @@ async fn serves_tokens_the_verifier_accepts_and_stops_on_sigterm() {
             .spawn()
             .expect("starting idgate"),
     );
-    let stdout = child.0.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(issuer) = line.strip_prefix("READY ") {
-                let _ = tx.send(issuer.to_owned());
-            }
-        }
-    });
+    let rx = ready_lines(&mut child.0);
     let mut stderr = child.0.stderr.take().unwrap();
     let stderr = thread::spawn(move || {
         let mut text = String::new();

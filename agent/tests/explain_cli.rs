@@ -3,14 +3,9 @@
 
 mod common;
 
-use std::{
-    io::{BufRead as _, BufReader},
-    process::{Command, Stdio},
-    sync::mpsc,
-    thread,
-};
+use std::process::{Command, Stdio};
 
-use common::{DEADLINE, IDGATE, Running};
+use common::{DEADLINE, IDGATE, Running, ready_lines};
 
 const CLIENTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/devidp.example.toml");
 
@@ -24,15 +19,7 @@ fn start_dev_idp() -> (Running, String) {
             .spawn()
             .expect("starting idgate dev-idp"),
     );
-    let stdout = child.0.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(issuer) = line.strip_prefix("READY ") {
-                let _ = tx.send(issuer.to_owned());
-            }
-        }
-    });
+    let rx = ready_lines(&mut child.0);
     let issuer = rx.recv_timeout(DEADLINE).expect("a READY line");
     (child, issuer)
 }
