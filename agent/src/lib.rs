@@ -15,4 +15,5 @@ pub mod notify;
 pub mod policy;
 pub mod runtime;
 pub mod session;
+pub mod userid;
 pub mod wiring;

@@ -89,6 +89,10 @@ enum PolicyCommand {
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Translate an exported PAN-OS configuration's security rules into a [policy] section for
+    /// this host, with a report of what became of every rule (exit 1 if any was refused, unless
+    /// --allow-partial).
+    ImportPanos(idgate::policy::panos::cli::Args),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -143,6 +147,9 @@ fn main() -> ExitCode {
             source,
             output,
         ),
+        Command::Policy {
+            command: PolicyCommand::ImportPanos(args),
+        } => idgate::policy::panos::cli::run(&args),
         Command::DevIdp(args) => idgate::devidp::cli::run(args),
         Command::Run(args) => idgate::runtime::cli::run(args),
         Command::Sessions(args) => idgate::runtime::cli::sessions(args),

@@ -34,6 +34,7 @@ use crate::{
     api::{ApiError, App, HttpResponse},
     dataplane::{EventStats, ServiceCounters},
     identity::IssuerStats,
+    userid::{FirewallCounters, UserIdStats},
 };
 
 /// The exposition format's content type.
@@ -74,6 +75,7 @@ pub struct Metrics {
     ready: AtomicBool,
     reloads: AtomicU64,
     reloads_failed: AtomicU64,
+    userid: OnceLock<Arc<UserIdStats>>,
 }
 
 impl Metrics {
@@ -127,6 +129,19 @@ impl Metrics {
     pub fn reloads_failed(&self) -> u64 {
         self.reloads_failed.load(Ordering::Relaxed)
     }
+
+    /// Shows the User-ID pusher's counters from now on (once; `false` if already set).
+    pub fn set_userid(&self, stats: Arc<UserIdStats>) -> bool {
+        self.userid.set(stats).is_ok()
+    }
+
+    /// The User-ID counters, when User-ID runs.
+    pub fn userid(&self) -> Option<UserIdSnapshot> {
+        self.userid.get().map(|u| UserIdSnapshot {
+            firewalls: u.snapshot(),
+            events_dropped: u.events_dropped(),
+        })
+    }
 }
 
 /// Everything one scrape shows.
@@ -154,6 +169,17 @@ pub struct Snapshot {
     pub reloads_failed: u64,
     /// Whether the daemon is ready.
     pub ready: bool,
+    /// User-ID counters (`None`: no firewalls configured).
+    pub userid: Option<UserIdSnapshot>,
+}
+
+/// The User-ID pusher's counters at one moment.
+#[derive(Clone, Debug, Default)]
+pub struct UserIdSnapshot {
+    /// Per firewall, in configuration order (the `firewall` label is the index).
+    pub firewalls: Vec<FirewallCounters>,
+    /// Session events dropped before reaching the tracker.
+    pub events_dropped: u64,
 }
 
 impl Snapshot {
@@ -196,6 +222,7 @@ impl Snapshot {
             reloads: app.metrics.reloads(),
             reloads_failed: app.metrics.reloads_failed(),
             ready: app.metrics.is_ready(),
+            userid: app.metrics.userid(),
         }
     }
 }
@@ -385,7 +412,68 @@ pub fn render(s: &Snapshot) -> String {
         "idgate_reloads_total{{result=\"failed\"}} {}",
         s.reloads_failed
     );
+    if let Some(u) = &s.userid {
+        render_userid(&mut out, u);
+    }
     out
+}
+
+/// The User-ID families (only when firewalls are configured).
+fn render_userid(out: &mut String, u: &UserIdSnapshot) {
+    family(
+        out,
+        "idgate_userid_requests_total",
+        "counter",
+        "User-ID API requests by firewall (index in the configuration) and result.",
+    );
+    for (i, f) in u.firewalls.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "idgate_userid_requests_total{{firewall=\"{i}\",result=\"ok\"}} {}",
+            f.requests_ok
+        );
+        let _ = writeln!(
+            out,
+            "idgate_userid_requests_total{{firewall=\"{i}\",result=\"failed\"}} {}",
+            f.requests_failed
+        );
+    }
+    for (name, kind, help, get) in [
+        (
+            "idgate_userid_updates_sent_total",
+            "counter",
+            "User-ID entries (login, logout, tags) a firewall accepted.",
+            (|f: &FirewallCounters| f.updates_sent) as fn(&FirewallCounters) -> u64,
+        ),
+        (
+            "idgate_userid_updates_dropped_total",
+            "counter",
+            "User-ID entries dropped because the firewall's queue was full.",
+            |f: &FirewallCounters| f.updates_dropped,
+        ),
+        (
+            "idgate_userid_queue_depth",
+            "gauge",
+            "User-ID entries waiting for a firewall.",
+            |f: &FirewallCounters| f.queued,
+        ),
+    ] {
+        family(out, name, kind, help);
+        for (i, f) in u.firewalls.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{firewall=\"{i}\"}} {}", get(f));
+        }
+    }
+    family(
+        out,
+        "idgate_userid_events_dropped_total",
+        "counter",
+        "Session events dropped before User-ID saw them (its channel was full).",
+    );
+    let _ = writeln!(
+        out,
+        "idgate_userid_events_dropped_total {}",
+        u.events_dropped
+    );
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> HttpResponse {
@@ -554,7 +642,50 @@ mod tests {
             reloads: 0,
             reloads_failed: 3,
             ready: true,
+            userid: Some(UserIdSnapshot {
+                firewalls: vec![
+                    FirewallCounters {
+                        requests_ok: 4,
+                        requests_failed: 2,
+                        updates_sent: 40,
+                        updates_dropped: 7,
+                        queued: 3,
+                    },
+                    FirewallCounters::default(),
+                ],
+                events_dropped: 11,
+            }),
         }
+    }
+
+    #[test]
+    fn userid_families_are_per_firewall_index_and_only_when_configured() {
+        let m = parse(&render(&snapshot()));
+        let get = |k: &str| *m.get(k).unwrap_or_else(|| panic!("missing {k}"));
+        assert_eq!(
+            get(r#"idgate_userid_requests_total{firewall="0",result="ok"}"#),
+            4.0
+        );
+        assert_eq!(
+            get(r#"idgate_userid_requests_total{firewall="0",result="failed"}"#),
+            2.0
+        );
+        assert_eq!(
+            get(r#"idgate_userid_updates_sent_total{firewall="0"}"#),
+            40.0
+        );
+        assert_eq!(
+            get(r#"idgate_userid_updates_dropped_total{firewall="0"}"#),
+            7.0
+        );
+        assert_eq!(get(r#"idgate_userid_queue_depth{firewall="0"}"#), 3.0);
+        assert_eq!(get(r#"idgate_userid_queue_depth{firewall="1"}"#), 0.0);
+        assert_eq!(get("idgate_userid_events_dropped_total"), 11.0);
+        let without = render(&Snapshot {
+            userid: None,
+            ..snapshot()
+        });
+        assert!(!without.contains("idgate_userid"), "{without}");
     }
 
     /// Parses the exposition text into (series, value), checking every line's shape and that

@@ -66,6 +66,14 @@ pub fn all_issuer_settings(issuers: &[IssuerConfig]) -> Result<Vec<IssuerSetting
     issuers.iter().map(issuer_settings).collect()
 }
 
+/// The User-ID pusher's settings for `[userid]` (`None` without it): reads every firewall's API
+/// key and CA file, so that a missing or unreadable one stops start-up (exit 2).
+pub fn userid_settings(
+    config: Option<&crate::config::UserIdConfig>,
+) -> Result<Option<crate::userid::Settings>, crate::userid::UserIdError> {
+    config.map(crate::userid::Settings::from_config).transpose()
+}
+
 /// What the policy sees of a verified token.
 pub fn identity_of(token: &crate::identity::VerifiedToken) -> crate::policy::Identity {
     crate::policy::Identity {

@@ -2,6 +2,7 @@
 //! BPF_PROG_TEST_RUN, network namespaces that clean up after themselves, and an independent
 //! OpenID provider to hold the token verifier to.
 
+pub mod bench;
 pub mod daemon;
 pub mod fixture;
 pub mod idp;

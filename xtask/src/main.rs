@@ -69,6 +69,42 @@ enum Bench {
         #[arg(long)]
         smoke: bool,
     },
+    /// Every comparative benchmark below in one run; writes bench/REPORT.md and its charts.
+    All {
+        /// A seconds-long version: checks the harness runs, measures little.
+        #[arg(long)]
+        smoke: bool,
+    },
+    /// CPU per dropped packet under a SYN flood: idgate vs bare XDP, nftables, iptables.
+    Drop {
+        /// A seconds-long version: checks the harness runs, measures little.
+        #[arg(long)]
+        smoke: bool,
+    },
+    /// An authorized client's requests/s under flood: idgate vs nftables set vs HAProxy.
+    Goodput {
+        /// A seconds-long version: checks the harness runs, measures little.
+        #[arg(long)]
+        smoke: bool,
+    },
+    /// Clean-path tax: requests/s, p99 and iperf3 vs no filter and HAProxy jwt_verify.
+    Clean {
+        /// A seconds-long version: checks the harness runs, measures little.
+        #[arg(long)]
+        smoke: bool,
+    },
+    /// Session install rate, bytes per session and per-packet cost as sessions grow.
+    Scale {
+        /// A seconds-long version: checks the harness runs, measures little.
+        #[arg(long)]
+        smoke: bool,
+    },
+    /// Time from revoke and from token expiry to the first dropped packet.
+    Revoke {
+        /// A seconds-long version: checks the harness runs, measures little.
+        #[arg(long)]
+        smoke: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -105,13 +141,20 @@ fn main() -> Result<()> {
         Task::Bench { which } => {
             setup::run(&root)?;
             require_root("benchmarks load BPF programs")?;
-            let (bin, smoke) = match which {
-                Bench::Verdict { smoke } => ("bench-verdict", smoke),
-                Bench::Auth { smoke } => ("bench-auth", smoke),
+            let (bin, suite, smoke) = match which {
+                Bench::Verdict { smoke } => ("bench-verdict", None, smoke),
+                Bench::Auth { smoke } => ("bench-auth", None, smoke),
+                Bench::All { smoke } => ("bench", Some("all"), smoke),
+                Bench::Drop { smoke } => ("bench", Some("drop"), smoke),
+                Bench::Goodput { smoke } => ("bench", Some("goodput"), smoke),
+                Bench::Clean { smoke } => ("bench", Some("clean"), smoke),
+                Bench::Scale { smoke } => ("bench", Some("scale"), smoke),
+                Bench::Revoke { smoke } => ("bench", Some("revoke"), smoke),
             };
-            let mut cmd = vec!["run", "--release", "-p", "idgate-tests", "--bin", bin];
+            let mut cmd = vec!["run", "--release", "-p", "idgate-tests", "--bin", bin, "--"];
+            cmd.extend(suite);
             if smoke {
-                cmd.extend(["--", "--smoke"]);
+                cmd.push("--smoke");
             }
             cargo(&cmd)
         }

@@ -16,6 +16,8 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
     "bpftool",
+    // Debian's python3 has no ensurepip without it, so `python3 -m venv` fails.
+    "python3-venv",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The Node.js OpenID provider the identity tests run against (tests/assets/oidc).
@@ -23,12 +25,19 @@ const OIDC_ASSETS: &str = "tests/assets/oidc";
 /// Written into node_modules after `npm ci`: a copy of the lockfile it installed. `npm ci` starts
 /// by deleting node_modules, so an interrupted install leaves no stamp behind.
 const OIDC_STAMP: &str = "node_modules/.idgate-installed-lockfile";
+/// The Python client (clients/python) and its test dependencies go into this virtualenv.
+const VENV: &str = "target/venv";
+/// The Python client's directory.
+const PYTHON_CLIENT: &str = "clients/python";
+/// Written into the virtualenv after both installs succeeded: what they installed from.
+const VENV_STAMP: &str = ".idgate-installed";
 
 pub fn run(root: &Path) -> Result<()> {
     rust_src(root)?;
     nightly_clippy()?;
     apt_packages()?;
     bpf_linker()?;
+    python_client(root)?;
     oidc_provider(root)?;
     Ok(())
 }
@@ -172,4 +181,59 @@ fn oidc_provider(root: &Path) -> Result<()> {
             .arg(&dir),
     )?;
     std::fs::write(&stamp, &lockfile).with_context(|| format!("writing {}", stamp.display()))
+}
+
+/// The virtualenv with the Python client (editable) and its pinned test dependencies, skipped
+/// while its stamp matches the requirements and the project file. The stamp is removed before
+/// and written after the installs, so an interrupted one is redone.
+fn python_client(root: &Path) -> Result<()> {
+    let client = root.join(PYTHON_CLIENT);
+    let mut wanted = Vec::new();
+    for file in ["requirements-dev.txt", "pyproject.toml"] {
+        let text = std::fs::read(client.join(file))
+            .with_context(|| format!("reading {PYTHON_CLIENT}/{file}"))?;
+        wanted.extend_from_slice(format!("== {file}\n").as_bytes());
+        wanted.extend_from_slice(&text);
+    }
+    let venv = root.join(VENV);
+    let python = venv.join("bin/python");
+    let stamp = venv.join(VENV_STAMP);
+    if python.is_file() && std::fs::read(&stamp).is_ok_and(|done| done == wanted) {
+        return Ok(());
+    }
+    if !python.is_file() {
+        step(
+            &format!("python3 -m venv {VENV}"),
+            Command::new("python3").args(["-m", "venv"]).arg(&venv),
+        )
+        .context("python3 with its venv module is needed for the Python client's tests")?;
+    }
+    if let Err(e) = std::fs::remove_file(&stamp)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        return Err(e).with_context(|| format!("removing {}", stamp.display()));
+    }
+    let pip = |args: &[&str]| {
+        let mut cmd = Command::new(&python);
+        cmd.args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(args)
+        .current_dir(root);
+        cmd
+    };
+    step(
+        &format!("pip install -r {PYTHON_CLIENT}/requirements-dev.txt"),
+        &mut pip(&["-r", &format!("{PYTHON_CLIENT}/requirements-dev.txt")]),
+    )?;
+    // Editable: the tests import the client from its sources, so an edit needs no reinstall.
+    step(
+        &format!("pip install -e {PYTHON_CLIENT}"),
+        &mut pip(&["-e", PYTHON_CLIENT]),
+    )?;
+    std::fs::write(&stamp, &wanted).with_context(|| format!("writing {}", stamp.display()))
 }

@@ -15,6 +15,7 @@ mod parse;
 mod reader;
 #[cfg(test)]
 mod tests;
+mod userid;
 
 use std::{
     fmt,
@@ -127,6 +128,47 @@ pub struct Config {
     pub audit: AuditConfig,
     /// `[policy]`: the default action and the ordered rules.
     pub policy: PolicyConfig,
+    /// `[userid]`: the Palo Alto firewalls told who is behind each address (`None`: none).
+    pub userid: Option<UserIdConfig>,
+}
+
+/// `[userid]`: User-ID updates to Palo Alto firewalls.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserIdConfig {
+    /// `[[userid.firewalls]]`: where updates go (each gets every update).
+    pub firewalls: Vec<FirewallConfig>,
+    /// Whether the user's groups are registered as user tags, and with which prefix.
+    pub register_tags: Option<TagConfig>,
+    /// Entries one request carries at most.
+    pub batch_size: usize,
+    /// Updates waiting per firewall; beyond it the oldest are dropped (and counted).
+    pub queue_size: usize,
+    /// How long an update waits for others to share its request.
+    pub flush_interval: Duration,
+    /// How long one request may take.
+    pub request_timeout: Duration,
+    /// The longest wait between retries of a failing firewall.
+    pub max_backoff: Duration,
+}
+
+/// `register_tags`: user tags from groups.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TagConfig {
+    /// Put before each group name (`""`: the group names as they are).
+    pub prefix: String,
+}
+
+/// One `[[userid.firewalls]]` entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FirewallConfig {
+    /// `https://host[:port]`, without a trailing slash.
+    pub url: String,
+    /// The file holding the API key (read at start; never logged).
+    pub api_key_file: PathBuf,
+    /// CA bundle for the firewall's certificate, instead of the system's.
+    pub ca_file: Option<PathBuf>,
+    /// The virtual system the mappings belong to (`vsys1`), if not the default.
+    pub vsys: Option<String>,
 }
 
 /// `[dataplane]`.

@@ -66,6 +66,13 @@ pub(super) fn parse(src: &str) -> Result<(Config, Vec<Diagnostic>), ConfigErrors
         None => Some(AuditConfig::Stdout),
         Some(v) => v.table(&mut d).and_then(|t| read_audit(t, &mut d)),
     };
+    let userid = match root.get("userid") {
+        None => Some(None),
+        Some(v) => v
+            .table(&mut d)
+            .and_then(|t| super::userid::read_userid(t, &mut d))
+            .map(Some),
+    };
     let lifetime = dataplane
         .as_ref()
         .map_or(DEFAULT_MAX_SESSION_LIFETIME, |p| p.max_session_lifetime);
@@ -91,7 +98,7 @@ pub(super) fn parse(src: &str) -> Result<(Config, Vec<Diagnostic>), ConfigErrors
         services.valid,
         issuers.valid,
         session_endpoint,
-        (admin, audit),
+        (admin, audit, userid),
         policy,
     ) {
         (
@@ -99,7 +106,7 @@ pub(super) fn parse(src: &str) -> Result<(Config, Vec<Diagnostic>), ConfigErrors
             Some(services),
             Some(issuers),
             Some(session_endpoint),
-            (Some(admin), Some(audit)),
+            (Some(admin), Some(audit), Some(userid)),
             Some(p),
         ) if d.errors.is_empty() => {
             let Some(default) = p.default else {
@@ -112,6 +119,7 @@ pub(super) fn parse(src: &str) -> Result<(Config, Vec<Diagnostic>), ConfigErrors
                 session_endpoint,
                 admin,
                 audit,
+                userid,
                 policy: PolicyConfig {
                     default,
                     rules: p.rules.into_iter().map(|r| r.rule).collect(),
@@ -143,7 +151,7 @@ fn errors(mut d: Diags<'_>) -> ConfigErrors {
 // Value helpers
 
 /// A value that is present, or the default; `None` if present and wrong (already reported).
-fn or_default<'a, 'i, T>(
+pub(super) fn or_default<'a, 'i, T>(
     v: Option<Val<'a, 'i>>,
     default: T,
     read: impl FnOnce(Val<'a, 'i>) -> Option<T>,
@@ -154,7 +162,12 @@ fn or_default<'a, 'i, T>(
     }
 }
 
-fn duration(v: &Val<'_, '_>, d: &mut Diags<'_>, min: Duration, max: Duration) -> Option<Duration> {
+pub(super) fn duration(
+    v: &Val<'_, '_>,
+    d: &mut Diags<'_>,
+    min: Duration,
+    max: Duration,
+) -> Option<Duration> {
     let s = v.str(d)?;
     match parse_duration(s) {
         Ok(x) if x >= min && x <= max => Some(x),
@@ -197,7 +210,7 @@ fn name(v: &Val<'_, '_>, d: &mut Diags<'_>) -> Option<String> {
     Some(s.to_owned())
 }
 
-fn absolute_path(v: &Val<'_, '_>, d: &mut Diags<'_>) -> Option<PathBuf> {
+pub(super) fn absolute_path(v: &Val<'_, '_>, d: &mut Diags<'_>) -> Option<PathBuf> {
     let s = v.str(d)?;
     if !s.starts_with('/') {
         v.error(

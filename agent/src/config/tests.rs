@@ -789,3 +789,124 @@ fn max_token_bytes_stays_within_what_the_verifier_accepts() {
         "",
     );
 }
+
+#[test]
+fn userid_section_reads_firewalls_tags_and_defaults() {
+    let (c, _) = ok(&format!("{BASE}{ALLOW_ALL_USERS}"));
+    assert_eq!(c.userid, None);
+    let src = format!(
+        r#"{BASE}{ALLOW_ALL_USERS}
+[userid]
+register_tags = "idgate-"
+batch_size = 100
+
+[[userid.firewalls]]
+url = "https://fw1.example.com/"
+api_key_file = "/etc/idgate/fw1.key"
+ca_file = "/etc/idgate/fw-ca.pem"
+
+[[userid.firewalls]]
+url = "https://192.0.2.1:4443"
+api_key_file = "/etc/idgate/fw2.key"
+vsys = "vsys2"
+"#
+    );
+    let (c, _) = ok(&src);
+    let u = c.userid.unwrap();
+    assert_eq!(
+        u.firewalls,
+        [
+            FirewallConfig {
+                url: "https://fw1.example.com".into(),
+                api_key_file: "/etc/idgate/fw1.key".into(),
+                ca_file: Some("/etc/idgate/fw-ca.pem".into()),
+                vsys: None,
+            },
+            FirewallConfig {
+                url: "https://192.0.2.1:4443".into(),
+                api_key_file: "/etc/idgate/fw2.key".into(),
+                ca_file: None,
+                vsys: Some("vsys2".into()),
+            },
+        ]
+    );
+    assert_eq!(
+        u.register_tags,
+        Some(TagConfig {
+            prefix: "idgate-".into()
+        })
+    );
+    assert_eq!(u.batch_size, 100);
+    assert_eq!(u.queue_size, 10_000);
+    assert_eq!(u.flush_interval, Duration::from_secs(1));
+    assert_eq!(u.request_timeout, Duration::from_secs(10));
+    assert_eq!(u.max_backoff, Duration::from_secs(60));
+
+    let tags = |v: &str| {
+        let src = format!(
+            "{BASE}{ALLOW_ALL_USERS}\n[userid]\nregister_tags = {v}\n[[userid.firewalls]]\nurl = \
+             \"https://fw\"\napi_key_file = \"/k\"\n"
+        );
+        ok(&src).0.userid.unwrap().register_tags
+    };
+    assert_eq!(tags("true"), Some(TagConfig { prefix: "".into() }));
+    assert_eq!(tags("false"), None);
+}
+
+#[test]
+fn userid_section_errors_say_where_and_what() {
+    let src = format!(
+        r#"{BASE}{ALLOW_ALL_USERS}
+[userid]
+register_tags = 3
+batch_size = 0
+colour = "red"
+
+[[userid.firewalls]]
+url = "http://fw1.example.com"
+api_key_file = "fw1.key"
+
+[[userid.firewalls]]
+url = "https://fw2.example.com/api/?key=secret"
+api_key_file = "/etc/idgate/fw2.key"
+vsys = "shared"
+
+[[userid.firewalls]]
+url = "https://fw3.example.com"
+"#
+    );
+    let e = errors(&src);
+    let has = |path: &str, needle: &str| {
+        assert!(
+            e.iter()
+                .any(|d| d.path == path && d.message.contains(needle) && d.line.is_some()),
+            "no error at {path} containing {needle:?} in {e:#?}"
+        );
+    };
+    has("userid.register_tags", "tag prefix");
+    has("userid.batch_size", "1..=5000");
+    has("userid.colour", "unknown key");
+    has("userid.firewalls[0].url", "https://");
+    has("userid.firewalls[0].api_key_file", "absolute path");
+    has("userid.firewalls[1].url", "no path, query or credentials");
+    has("userid.firewalls[1].vsys", "vsys1");
+    has("userid.firewalls[2].api_key_file", "missing key");
+
+    let none = format!("{BASE}{ALLOW_ALL_USERS}\n[userid]\nfirewalls = []\n");
+    let e = errors(&none);
+    assert!(
+        e.iter()
+            .any(|d| d.path == "userid.firewalls" && d.message.contains("at least one")),
+        "{e:#?}"
+    );
+    let twice = format!(
+        "{BASE}{ALLOW_ALL_USERS}\n[[userid.firewalls]]\nurl = \"https://fw\"\napi_key_file = \
+         \"/k\"\n[[userid.firewalls]]\nurl = \"https://fw/\"\napi_key_file = \"/k\"\n"
+    );
+    let e = errors(&twice);
+    assert!(
+        e.iter()
+            .any(|d| d.path == "userid.firewalls[1].url" && d.message.contains("twice")),
+        "{e:#?}"
+    );
+}

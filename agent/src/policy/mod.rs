@@ -15,6 +15,7 @@
 
 mod compile;
 mod explain;
+pub mod panos;
 #[cfg(test)]
 mod tests;
 

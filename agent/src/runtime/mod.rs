@@ -64,6 +64,9 @@ pub enum RunError {
     /// The audit stream could not be opened.
     #[error(transparent)]
     Audit(#[from] AuditError),
+    /// The User-ID firewalls' key or CA files could not be used.
+    #[error(transparent)]
+    UserId(#[from] crate::userid::UserIdError),
     /// A task the daemon cannot run without ended.
     #[error("{0} stopped unexpectedly")]
     TaskEnded(&'static str),
@@ -74,7 +77,10 @@ impl RunError {
     /// wrong).
     pub fn exit_code(&self) -> i32 {
         match self {
-            RunError::Wiring(_) | RunError::Issuers(_) | RunError::Audit(_) => exit::CONFIG,
+            RunError::Wiring(_)
+            | RunError::Issuers(_)
+            | RunError::Audit(_)
+            | RunError::UserId(_) => exit::CONFIG,
             RunError::Api(ApiError::Tls { .. }) => exit::CONFIG,
             _ => exit::FAILURE,
         }
@@ -139,6 +145,7 @@ pub async fn run_from(
         None => None,
     };
     let audit = AuditLog::open(&config.audit)?;
+    let userid = wiring::userid_settings(config.userid.as_ref())?;
     // Metrics serve from here on: /live 200, /ready 503 until enforcement and the endpoints run.
     let metrics = Arc::new(Metrics::default());
     let app_cell = Arc::new(OnceLock::new());
@@ -206,6 +213,14 @@ pub async fn run_from(
         reload: tokio::sync::Mutex::new(reload_state),
     });
 
+    // User-ID sees every session change from here on (the endpoints do not serve yet); its
+    // tasks stop when `_userid` is dropped, at the end of this function.
+    let _userid = userid.map(|settings| {
+        let pusher = crate::userid::UserIdPusher::start(settings);
+        app.audit.set_observer(pusher.observer());
+        app.metrics.set_userid(pusher.stats());
+        pusher
+    });
     let _ = app_cell.set(app.clone());
     let names = [
         (tasks.spawn(keep_keys(app.clone())).id(), "the key refresh"),

@@ -29,7 +29,7 @@ use std::{
     os::unix::{fs::OpenOptionsExt as _, net::UnixDatagram},
     path::{Path, PathBuf},
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -126,6 +126,13 @@ pub enum AuditEvent<'a> {
     },
 }
 
+/// Told of every audit record as it is recorded, on the recording thread (which may hold the
+/// session lock): it must return at once, never wait.
+pub trait AuditObserver: Send + Sync + std::fmt::Debug {
+    /// One record.
+    fn observe(&self, e: &AuditEvent<'_>);
+}
+
 /// Why the audit stream could not be opened.
 #[derive(Debug, Error)]
 pub enum AuditError {
@@ -164,6 +171,8 @@ struct Inner {
     write_errors: AtomicU64,
     /// Whether the last write failed (errors are logged once per streak).
     failing: AtomicBool,
+    /// Told of every record (User-ID).
+    observer: OnceLock<Arc<dyn AuditObserver>>,
 }
 
 /// The audit trail: cheap to clone, shared by everything that audits.
@@ -198,7 +207,22 @@ impl AuditLog {
             flows_suppressed: AtomicU64::new(0),
             write_errors: AtomicU64::new(0),
             failing: AtomicBool::new(false),
+            observer: OnceLock::new(),
         }))
+    }
+
+    /// Tells `observer` of every record from now on, in every clone of this log. Only one
+    /// observer can be set; `false` if one was already.
+    pub fn set_observer(&self, observer: Arc<dyn AuditObserver>) -> bool {
+        self.0.observer.set(observer).is_ok()
+    }
+
+    /// Tells the observer of `e` without writing it to the stream (for session changes the
+    /// policy asked not to log, which the observer still has to know of).
+    pub fn notify(&self, e: &AuditEvent<'_>) {
+        if let Some(o) = self.0.observer.get() {
+            o.observe(e);
+        }
     }
 
     /// Opens the stream `config` names: the file is created (mode 0640) or appended to; the
@@ -237,6 +261,7 @@ impl AuditLog {
         if let AuditEvent::FlowsSuppressed { count } = e {
             self.0.flows_suppressed.fetch_add(*count, Ordering::Relaxed);
         }
+        self.notify(e);
         trace(e);
         if matches!(self.0.sink, Sink::None) {
             return;
