@@ -51,6 +51,15 @@ impl Fixture {
         let dir = std::env::temp_dir().join(format!("idgate-cap-{id}"));
         fs::create_dir_all(&dir).expect("a temp dir");
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).expect("chmod");
+        // systemd mounts bpffs at boot; where nothing has yet (a fresh VM, this test run first),
+        // mount it as the host would, since the unprivileged agent cannot.
+        let mounts = fs::read_to_string("/proc/mounts").expect("/proc/mounts");
+        if !mounts
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+        {
+            run_cmd("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"]).expect("mounting bpffs");
+        }
         let bpf_dir = PathBuf::from(format!("/sys/fs/bpf/idgate-cap-{id}"));
         fs::create_dir_all(&bpf_dir).expect("a directory on bpffs");
         run_cmd("chown", &[&format!("{NOBODY}:{NOBODY}"), path(&bpf_dir)]).expect("chown");
