@@ -3,6 +3,7 @@
 //! OpenID provider to hold the token verifier to.
 
 pub mod bench;
+pub mod binary;
 pub mod daemon;
 pub mod fixture;
 pub mod idp;

@@ -8,13 +8,7 @@
 //!
 //! Needs root (CI runs it through `cargo xtask test`).
 
-use std::{
-    net::SocketAddr,
-    os::unix::fs::PermissionsExt as _,
-    path::{Path, PathBuf},
-    process::{Command, Output},
-    time::Duration,
-};
+use std::{net::SocketAddr, os::unix::fs::PermissionsExt as _, process::Command, time::Duration};
 
 use anyhow::{Context as _, Result, ensure};
 use idgate_tests::{
@@ -25,39 +19,7 @@ use idgate_tests::{
 };
 use serde_json::Value;
 
-/// The `idgate` binary of this build: `target/<profile>/idgate`, the test executable being
-/// `target/<profile>/deps/cli-<hash>`.
-fn idgate_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test's executable");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("idgate"))
-        .expect("target/<profile>");
-    assert!(
-        bin.is_file(),
-        "{} is missing: run `cargo build -p idgate` (or `cargo test --workspace`) first",
-        bin.display()
-    );
-    bin
-}
-
-fn idgate(args: &[&str]) -> Output {
-    Command::new(idgate_bin())
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("running idgate")
-}
-
-fn show(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use idgate_tests::binary::{idgate, idgate_bin, show};
 
 /// Runs idgate and parses its stdout as JSON; fails unless it exits 0.
 fn idgate_json(args: &[&str]) -> Result<Value> {

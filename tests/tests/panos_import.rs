@@ -11,7 +11,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Command, Output},
+    process::Command,
 };
 
 use anyhow::{Context as _, Result, ensure};
@@ -55,39 +55,7 @@ impl Drop for Scratch {
     }
 }
 
-/// The `idgate` binary of this build: `target/<profile>/idgate`, the test executable being
-/// `target/<profile>/deps/panos_import-<hash>`.
-fn idgate_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test's executable");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("idgate"))
-        .expect("target/<profile>");
-    assert!(
-        bin.is_file(),
-        "{} is missing: run `cargo build -p idgate` (or `cargo test --workspace`) first",
-        bin.display()
-    );
-    bin
-}
-
-fn idgate(args: &[&str]) -> Output {
-    Command::new(idgate_bin())
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("running idgate")
-}
-
-fn show(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use idgate_tests::binary::{idgate, show};
 
 fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
