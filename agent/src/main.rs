@@ -59,11 +59,15 @@ enum Command {
         shell: clap_complete::Shell,
     },
     /// End pinned enforcement: detach every pinned link and remove the pin directory (sessions
-    /// included). For after `idgate run` has stopped, or to clear an incompatible layout.
+    /// included) and the record of their owners. For after `idgate run` has stopped, or to
+    /// clear an incompatible layout.
     Cleanup {
         /// The pin directory (`[dataplane] pin_dir`).
         #[arg(long, default_value = idgate::dataplane::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+        /// The owners of the pinned sessions (`[dataplane] session_state`).
+        #[arg(long, default_value = config::DEFAULT_SESSION_STATE)]
+        session_state: PathBuf,
     },
 }
 
@@ -161,12 +165,23 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut Cli::command(), "idgate", &mut script);
             write_stdout(&String::from_utf8_lossy(&script))
         }
-        Command::Cleanup { pin_dir } => match idgate::dataplane::cleanup(&pin_dir) {
+        Command::Cleanup {
+            pin_dir,
+            session_state,
+        } => match idgate::dataplane::cleanup(&pin_dir) {
             Ok(detached) => {
                 for l in &detached {
                     println!("detached {l}");
                 }
                 println!("removed {}", pin_dir.display());
+                match std::fs::remove_file(&session_state) {
+                    Ok(()) => println!("removed {}", session_state.display()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        eprintln!("error: removing {}: {e}", session_state.display());
+                        return code_of(exit::FAILURE);
+                    }
+                }
                 exit::OK
             }
             Err(e) => {

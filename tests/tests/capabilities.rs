@@ -79,6 +79,7 @@ impl Fixture {
 [dataplane]
 interfaces = [{{ name = "cap0", mode = "xdp" }}]
 pin_dir = "{pins}"
+session_state = "{state}"
 
 [[services]]
 name = "web"
@@ -102,6 +103,7 @@ default = "drop"
 "#,
                 pins = bpf_dir.join("pins").display(),
                 admin = dir.join("admin.sock").display(),
+                state = dir.join("sessions.jsonl").display(),
             ),
         )
         .expect("the configuration");

@@ -4,8 +4,11 @@
 //! client (a second address on the client's veth) keeps trying. The agent is killed with SIGKILL
 //! and started again with the same configuration: the authenticated client never loses its
 //! session, the unauthenticated one never gets through, neither while no agent runs nor across
-//! the restart. At the end the agent stops on SIGTERM and `idgate::dataplane::cleanup` detaches
-//! everything and removes the pins.
+//! the restart. The restarted agent adopts the session under its owner (from the session
+//! journal): whois names the user, `sessions list` shows it, and a revoke closes the port. A
+//! restart with a policy that no longer allows the user removes the surviving session at start.
+//! At the end the agent stops on SIGTERM and `idgate::dataplane::cleanup` detaches everything and
+//! removes the pins.
 //!
 //! Needs root and `nsenter` (util-linux). `nsenter --net`, not `ip netns exec`: the latter
 //! remounts /sys, hiding the bpffs at /sys/fs/bpf.
@@ -302,9 +305,14 @@ fn scenario(pair: &Pair, ca: &TestCa, idp: &TestIdp, pins: &PinDir) -> Result<()
     let _hello = Hello::start(&pair.srv, SocketAddr::new(srv, PROTECTED))?;
     let cert = ca.server_cert("endpoint", srv)?;
     let socket = ca.dir().join("admin.sock");
+    let journal = ca.dir().join("state/sessions.jsonl");
     let toml = config(pair, idp, &cert, &socket).replacen(
         "pin_dir = \"\"",
-        &format!("pin_dir = \"{}\"", pins.0.display()),
+        &format!(
+            "pin_dir = \"{}\"\nsession_state = \"{}\"",
+            pins.0.display(),
+            journal.display()
+        ),
         1,
     );
     ensure!(toml.contains(&pins.0.display().to_string()), "{toml}");
@@ -387,8 +395,8 @@ fn scenario(pair: &Pair, ca: &TestCa, idp: &TestIdp, pins: &PinDir) -> Result<()
         "{leaked} of {unauth} unauthenticated connections got through"
     );
 
-    // The session is still there after the restart: connects keep working, and the new agent
-    // found it pinned (it is not adopted into the session table, so whois may not know it).
+    // The session is still there after the restart, adopted under its owner: connects keep
+    // working, whois names the user, the list shows it.
     auth_ok().context("the session after the restart")?;
     ensure!(
         unauth_ok().is_err(),
@@ -396,19 +404,73 @@ fn scenario(pair: &Pair, ca: &TestCa, idp: &TestIdp, pins: &PinDir) -> Result<()
     );
     let log = strip_ansi(&second.log());
     ensure!(
-        log.lines()
-            .any(|l| l.contains("sessions survived") && l.contains("recovered=1")),
-        "the new agent did not report the surviving session:\n{log}"
+        log.lines().any(|l| l.contains("sessions adopted")
+            && l.contains("sessions=1")
+            && l.contains("revoked_by_policy=0")),
+        "the new agent did not report adopting the session:\n{log}"
     );
-    let whois = admin(
+    let whois_path = format!("/v1/whois/{}", Pair::cli_addr(false));
+    let (status, whois) = admin(&socket, Method::GET, &whois_path)?;
+    ensure!(status == 200, "whois after restart: {status} {whois}");
+    ensure!(
+        whois["user"] == "alice" && whois["groups"] == serde_json::json!(["web"]),
+        "whois after restart: {whois}"
+    );
+    ensure!(
+        whois["services"][0]["rule"]["name"] == "web-users",
+        "{whois}"
+    );
+    let (_, list) = admin(&socket, Method::GET, "/v1/sessions")?;
+    ensure!(list["count"] == 1, "sessions after restart: {list}");
+
+    // An adopted session can be revoked: the port closes for it.
+    let (status, revoked) = admin(
         &socket,
-        Method::GET,
-        &format!("/v1/whois/{}", Pair::cli_addr(false)),
+        Method::DELETE,
+        &format!("/v1/sessions?source={}", Pair::cli_addr(false)),
     )?;
-    eprintln!("whois after restart: {} {}", whois.0, whois.1);
+    ensure!(
+        status == 200 && revoked["removed"]["sessions"] == 1,
+        "revoke: {status} {revoked}"
+    );
+    ensure!(
+        cli.run_in(|| fetch(None, BLOCKED_WAIT)).is_err(),
+        "open after the adopted session was revoked"
+    );
+    let (status, _) = admin(&socket, Method::GET, &whois_path)?;
+    ensure!(status == 404, "whois after revoke: {status}");
+
+    // A restart under a policy that no longer allows the user: the surviving session goes at
+    // start, before the new agent is ready.
+    let (status, body) = login(cli, &ca.ca_pem(), &token)?;
+    ensure!(status == 200, "second login: {status} {body}");
+    auth_ok().context("the second login")?;
+    let stopped = second.signal(libc::SIGTERM)?;
+    ensure!(stopped.success(), "exit on SIGTERM: {stopped}");
+    auth_ok().context("the session while no agent ran (second time)")?;
+    let stricter = fs::read_to_string(&config_file)?
+        .replace("sources = [\"group:web\"]", "sources = [\"group:admins\"]");
+    ensure!(stricter.contains("group:admins"), "{stricter}");
+    fs::write(&config_file, stricter)?;
+    let mut third = Agent::start(&pair.srv, &config_file, &socket, ca.dir().join("run3.log"))?;
+    ensure!(
+        cli.run_in(|| fetch(None, BLOCKED_WAIT)).is_err(),
+        "a session the new policy refuses survived the restart"
+    );
+    let log = strip_ansi(&third.log());
+    ensure!(
+        log.lines()
+            .any(|l| l.contains("sessions adopted") && l.contains("revoked_by_policy=1")),
+        "the restarted agent did not report revoking the session:\n{log}"
+    );
+    let (_, list) = admin(&socket, Method::GET, "/v1/sessions")?;
+    ensure!(
+        list["count"] == 0,
+        "sessions after a stricter restart: {list}"
+    );
 
     // SIGTERM: a clean stop, enforcement stays pinned; then cleanup detaches and removes it.
-    let stopped = second.signal(libc::SIGTERM)?;
+    let stopped = third.signal(libc::SIGTERM)?;
     ensure!(stopped.success(), "exit on SIGTERM: {stopped}");
     ensure!(unauth_ok().is_err(), "open after SIGTERM (pins must stay)");
     let detached = idgate::dataplane::cleanup(&pins.0)?;

@@ -39,6 +39,9 @@ pub const DEFAULT_PATH: &str = "/etc/idgate/idgate.toml";
 /// The admin socket's default path.
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/idgate/admin.sock";
 
+/// Where the owners of pinned sessions are kept by default (when `pin_dir` pins anything).
+pub const DEFAULT_SESSION_STATE: &str = "/run/idgate/sessions.jsonl";
+
 /// Signature algorithms an issuer may use. Never `none` or HMAC (`HS*`): with a shared secret,
 /// anyone able to verify tokens could also mint them.
 pub const ALGORITHMS: &[&str] = &[
@@ -187,6 +190,10 @@ pub struct DataplaneConfig {
     /// Where maps, programs and links are pinned (`pin_dir`, default `/sys/fs/bpf/idgate`;
     /// `""` pins nothing, and enforcement then ends with the agent).
     pub pin_dir: Option<PathBuf>,
+    /// Where the owners of the pinned sessions are kept for the next run
+    /// (`session_state`, default [`DEFAULT_SESSION_STATE`] when `pin_dir` pins, else none;
+    /// `""`: nowhere, and a restart then removes the sessions it finds, as it cannot name them).
+    pub session_state: Option<PathBuf>,
 }
 
 impl DataplaneConfig {

@@ -301,6 +301,16 @@ fn read_dataplane(mut t: Table<'_, '_>, d: &mut Diags<'_>) -> Option<DataplaneCo
             _ => absolute_path(&v, d).map(Some),
         },
     );
+    let default_state = match &pin_dir {
+        Some(Some(_)) => Some(PathBuf::from(super::DEFAULT_SESSION_STATE)),
+        _ => None,
+    };
+    let session_state = or_default(t.get("session_state"), default_state, |v| {
+        match v.str(d)? {
+            "" => Some(None),
+            _ => absolute_path(&v, d).map(Some),
+        }
+    });
     t.finish(d);
     Some(DataplaneConfig {
         interfaces: interfaces?,
@@ -309,6 +319,7 @@ fn read_dataplane(mut t: Table<'_, '_>, d: &mut Diags<'_>) -> Option<DataplaneCo
         events_per_sec: u64::try_from(per_sec?).ok()?,
         events_burst: u64::try_from(burst?).ok()?,
         pin_dir: pin_dir?,
+        session_state: session_state?,
     })
 }
 

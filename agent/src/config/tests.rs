@@ -131,6 +131,11 @@ fn defaults_fill_what_is_left_out() {
         (c.dataplane.events_per_sec, c.dataplane.events_burst),
         (200, 400)
     );
+    assert_eq!(
+        c.dataplane.session_state.as_deref(),
+        Some(std::path::Path::new("/run/idgate/sessions.jsonl")),
+        "pins are kept by default, so are their owners"
+    );
     assert_eq!(c.services[1].action, ServiceAction::Drop);
     let i = &c.issuers[0];
     assert_eq!(i.algorithms, vec!["RS256".to_owned()]);
@@ -165,6 +170,37 @@ fn defaults_fill_what_is_left_out() {
     assert_eq!(c.policy.rules[0].sources, vec![SourceMatcher::Any]);
     assert_eq!(c.policy.rules[0].services, ServiceSelector::Any);
     assert!(c.policy.rules[0].is_static());
+}
+
+#[test]
+fn session_state_follows_the_pins_unless_set() {
+    let unpinned = replace(
+        &format!("{BASE}{ALLOW_ALL_USERS}"),
+        "[dataplane]\n",
+        "[dataplane]\npin_dir = \"\"\n",
+    );
+    assert_eq!(
+        ok(&unpinned).0.dataplane.session_state,
+        None,
+        "nothing survives"
+    );
+    let elsewhere = replace(
+        &format!("{BASE}{ALLOW_ALL_USERS}"),
+        "[dataplane]\n",
+        "[dataplane]\nsession_state = \"/var/lib/idgate/s.jsonl\"\n",
+    );
+    assert_eq!(
+        ok(&elsewhere).0.dataplane.session_state.as_deref(),
+        Some(std::path::Path::new("/var/lib/idgate/s.jsonl"))
+    );
+    let off = replace(&elsewhere, "/var/lib/idgate/s.jsonl", "");
+    assert_eq!(ok(&off).0.dataplane.session_state, None);
+    let relative = replace(&elsewhere, "/var/lib/idgate/s.jsonl", "s.jsonl");
+    assert_has(
+        &errors(&relative),
+        "dataplane.session_state",
+        "absolute path",
+    );
 }
 
 #[test]

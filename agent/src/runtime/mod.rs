@@ -34,6 +34,7 @@ use crate::{
     session::{
         Catalog, FailureLimiter, LIMITER_CAPACITY, SessionManager,
         audit::{AuditError, AuditEvent, AuditLog, FlowBudget},
+        journal::{JournalError, SessionJournal},
     },
     wiring::{self, WiringError},
 };
@@ -67,6 +68,9 @@ pub enum RunError {
     /// The User-ID firewalls' key or CA files could not be used.
     #[error(transparent)]
     UserId(#[from] crate::userid::UserIdError),
+    /// The session journal could not be opened.
+    #[error("session state: {0}")]
+    Journal(#[from] JournalError),
     /// A task the daemon cannot run without ended.
     #[error("{0} stopped unexpectedly")]
     TaskEnded(&'static str),
@@ -80,7 +84,8 @@ impl RunError {
             RunError::Wiring(_)
             | RunError::Issuers(_)
             | RunError::Audit(_)
-            | RunError::UserId(_) => exit::CONFIG,
+            | RunError::UserId(_)
+            | RunError::Journal(_) => exit::CONFIG,
             RunError::Api(ApiError::Tls { .. }) => exit::CONFIG,
             _ => exit::FAILURE,
         }
@@ -154,17 +159,54 @@ pub async fn run_from(
     let metrics_id =
         metrics_server.map(|m| tasks.spawn(m.serve(metrics.clone(), app_cell.clone())).id());
 
+    // The owners of the sessions an earlier run left pinned, before the kernel is touched.
+    let (journal, owners) = match &config.dataplane.session_state {
+        Some(path) => {
+            let (journal, replayed) = SessionJournal::open(path)?;
+            if replayed.skipped > 0 {
+                tracing::warn!(
+                    path = %path.display(),
+                    skipped = replayed.skipped,
+                    "unreadable lines in the session journal were skipped"
+                );
+            }
+            (Some(journal), replayed.records)
+        }
+        None => (None, Vec::new()),
+    };
+
     // Enforcement: closed for everyone without a session from here on.
     notify.status("loading and attaching the data plane");
     let mut dp = Dataplane::load(config.dataplane.load_options())?;
-    // Sessions pinned by an earlier run: this run does not know their owners. They stay, enforced
-    // by the kernel until they expire (and are then swept), unless a login from the same source
-    // overwrites them; they are not in the session table, so the admin API does not list them.
-    let recovered = dp.sessions()?.len();
-    if recovered > 0 {
+    // Sessions pinned by an earlier run: adopted under their owners and re-evaluated against
+    // this run's policy, before the new services are written (their ids follow the file order);
+    // the rest are removed.
+    let restored = {
+        let policy = config.policy();
+        SessionManager::restore(
+            &mut dp,
+            owners,
+            config.dataplane.max_sessions as usize,
+            config.dataplane.max_session_lifetime,
+            crate::session::Now::current(),
+            |source, record| reload::decide(&policy, source, record),
+        )?
+    };
+    let (adopted, reevaluated) = (restored.adopted, restored.reevaluated);
+    if adopted.unowned > 0 {
+        tracing::warn!(
+            removed = adopted.unowned,
+            "pinned sessions no journal record names were removed; their clients must log in again"
+        );
+    }
+    if adopted.sessions > 0 || adopted.expired > 0 {
         tracing::info!(
-            recovered,
-            "sessions survived from the previous run; kept until they expire"
+            sources = adopted.sources,
+            sessions = adopted.sessions,
+            expired = adopted.expired,
+            revoked_by_policy = reevaluated.revoked,
+            updated_by_policy = reevaluated.updated,
+            "sessions adopted from the previous run"
         );
     }
     dp.set_services(&config.dataplane_services())?;
@@ -183,13 +225,13 @@ pub async fn run_from(
         .max()
         .unwrap_or(16 * 1024);
     let ep = &config.session_endpoint;
-    let mut sessions = SessionManager::new(
+    let sessions = SessionManager::resume(
         Box::new(dp),
         catalog.clone(),
-        config.dataplane.max_sessions as usize,
-        config.dataplane.max_session_lifetime,
+        restored,
+        journal,
+        audit.clone(),
     );
-    sessions.set_audit(audit.clone());
     let reload_state = reload::ReloadState {
         config: Some(config.clone()),
         path: config_path.clone(),

@@ -26,7 +26,7 @@
 //! the old ones are written back and the reload fails; sessions ended by it stay ended (fail
 //! closed).
 
-use std::{collections::HashMap, path::PathBuf, sync::Arc};
+use std::{collections::HashMap, net::IpAddr, path::PathBuf, sync::Arc};
 
 use serde::Serialize;
 
@@ -34,8 +34,8 @@ use crate::{
     api::{App, endpoint::TlsSlot, tls},
     config::{Config, LoadError},
     identity::{RefreshTasks, Verifier},
-    policy::Identity,
-    session::{Catalog, DataplaneUpdate, Reevaluated},
+    policy::{Identity, Policy, ServiceDecision},
+    session::{Catalog, DataplaneUpdate, Reevaluated, SourceRecord},
     wiring,
 };
 
@@ -164,6 +164,24 @@ fn outcome(
     result
 }
 
+/// The decisions of `policy` for the identity logged in at `source`, as it logged in (groups,
+/// scopes and claims); without those (an identity recorded before they were kept), the groups
+/// alone. Shared by reloads and by a restart re-evaluating the sessions it adopts.
+pub fn decide(policy: &Policy, source: IpAddr, record: &SourceRecord) -> Vec<ServiceDecision> {
+    let fallback = || Identity {
+        issuer: record.identity.issuer.clone(),
+        user: record.identity.user.clone(),
+        groups: record.identity.groups.clone(),
+        ..Identity::default()
+    };
+    let identity = record
+        .policy_identity
+        .as_deref()
+        .cloned()
+        .unwrap_or_else(fallback);
+    policy.evaluate(&identity, source)
+}
+
 /// Settings only a restart can change: each one that differs is an error.
 pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
     let mut errors = Vec::new();
@@ -178,6 +196,10 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
     let (o, n) = (&old.dataplane, &new.dataplane);
     check(o.interfaces != n.interfaces, "dataplane.interfaces");
     check(o.pin_dir != n.pin_dir, "dataplane.pin_dir");
+    check(
+        o.session_state != n.session_state,
+        "dataplane.session_state",
+    );
     check(o.max_sessions != n.max_sessions, "dataplane.max_sessions");
     check(
         o.events_per_sec != n.events_per_sec || o.events_burst != n.events_burst,
@@ -201,6 +223,7 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
     check(old.admin.socket != new.admin.socket, "admin.socket");
     check(old.admin.metrics != new.admin.metrics, "admin.metrics");
     check(old.audit != new.audit, "audit");
+    check(old.userid != new.userid, "userid");
     let max_token = |c: &Config| c.issuers.iter().map(|i| i.max_token_bytes).max();
     check(
         max_token(old) != max_token(new),
@@ -293,20 +316,7 @@ async fn apply(
     let (old_services, old_cidr_rules) = (old.dataplane_services(), old.cidr_rules());
     {
         let mut sessions = app.sessions();
-        let decide = |source, record: &crate::session::SourceRecord| {
-            let fallback = || Identity {
-                issuer: record.identity.issuer.clone(),
-                user: record.identity.user.clone(),
-                groups: record.identity.groups.clone(),
-                ..Identity::default()
-            };
-            let identity = record
-                .policy_identity
-                .as_deref()
-                .cloned()
-                .unwrap_or_else(fallback);
-            policy.evaluate(&identity, source)
-        };
+        let decide = |source, record: &SourceRecord| decide(&policy, source, record);
         report.sessions = sessions
             .reload(
                 catalog.clone(),

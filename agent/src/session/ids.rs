@@ -42,6 +42,21 @@ impl IdAllocator {
         Some(id)
     }
 
+    /// Marks `id` as handed out: an id an earlier run gave out that the kernel still carries.
+    /// `false` (and nothing changes) if it is 0, out of range or already handed out.
+    pub fn reserve(&mut self, id: u32) -> bool {
+        if id == 0 || id > self.max {
+            return false;
+        }
+        if self.next == 0 || id < self.next {
+            return self.free.remove(&id);
+        }
+        // The ids between stay free; adopted ids are dense, so this range is short.
+        self.free.extend(self.next..id);
+        self.next = id.checked_add(1).unwrap_or(0);
+        true
+    }
+
     /// Gives `id` back. Releasing the highest id shrinks the range, so a quiet system returns to
     /// small ids instead of keeping a long free list.
     pub fn release(&mut self, id: u32) {
@@ -121,5 +136,21 @@ mod tests {
         assert_eq!(ids.in_use(), 2);
         ids.release(1);
         assert_eq!(ids.allocate(), Some(1));
+    }
+
+    #[test]
+    fn reserving_ids_an_earlier_run_handed_out() {
+        let mut ids = IdAllocator::new(10);
+        assert!(ids.reserve(3));
+        assert!(!ids.reserve(3), "already handed out");
+        assert!(!ids.reserve(0));
+        assert!(!ids.reserve(11));
+        assert!(ids.reserve(1));
+        assert_eq!(ids.in_use(), 2);
+        // The gap is handed out first, then the range goes on past the reserved id.
+        assert_eq!(ids.allocate(), Some(2));
+        assert_eq!(ids.allocate(), Some(4));
+        ids.release(3);
+        assert_eq!(ids.allocate(), Some(3));
     }
 }

@@ -6,6 +6,7 @@
 
 use std::{
     borrow::Cow,
+    collections::BTreeSet,
     net::IpAddr,
     sync::Arc,
     time::{Duration, SystemTime},
@@ -16,7 +17,11 @@ use thiserror::Error;
 use super::{
     Catalog, ServiceInfo,
     audit::{AuditEvent, AuditLog},
-    table::{Change, EndReason, Ended, Grant, IdentityRecord, NewIdentity, Now, SessionTable},
+    journal::{OwnerRecord, SessionJournal},
+    table::{
+        Adopted, Change, EndReason, Ended, Grant, IdentityRecord, NewIdentity, Now, SessionTable,
+        SourceRecord,
+    },
 };
 use crate::{
     dataplane::{
@@ -194,6 +199,18 @@ pub struct DataplaneUpdate<'a> {
     pub old_cidr_rules: &'a [CidrRule],
 }
 
+/// What a start found of the sessions an earlier run left pinned (see
+/// [`SessionManager::restore`]).
+#[derive(Debug)]
+pub struct Restored {
+    table: SessionTable,
+    ended: Vec<Ended>,
+    /// What was adopted, and what was removed for lack of an owner or as expired.
+    pub adopted: Adopted,
+    /// What the policy this run starts with did to the adopted sessions.
+    pub reevaluated: Reevaluated,
+}
+
 /// The session table and the data plane it drives.
 pub struct SessionManager {
     table: SessionTable,
@@ -203,6 +220,10 @@ pub struct SessionManager {
     dirty: bool,
     /// Where logins and session ends are recorded.
     audit: AuditLog,
+    /// Where the owners of pinned sessions are kept for the next run, if anywhere.
+    journal: Option<SessionJournal>,
+    /// The journal failed to take a change (logged once until it works again).
+    journal_failing: bool,
 }
 
 impl std::fmt::Debug for SessionManager {
@@ -229,7 +250,73 @@ impl SessionManager {
             catalog,
             dirty: false,
             audit: AuditLog::default(),
+            journal: None,
+            journal_failing: false,
         }
+    }
+
+    /// Adopts the sessions an earlier run left in `store` (its pinned kernel map), named by that
+    /// run's `owners` (from its [`SessionJournal`]), as of `now`, then re-evaluates them with `decide` (the
+    /// policy this run starts with) as a reload would. Removes from the kernel every entry not
+    /// adopted (no consistent owner, or expired) or no longer allowed, then rewrites those whose
+    /// rule or expiry changed.
+    ///
+    /// Call it before the new services and CIDR rules are written: service ids follow the file
+    /// order, so a surviving entry must be gone before its id can name another service. On an
+    /// error the kernel may still hold entries; the caller must not start (fail closed).
+    pub fn restore(
+        store: &mut dyn SessionStore,
+        owners: Vec<OwnerRecord>,
+        capacity: usize,
+        max_lifetime: Duration,
+        now: Now,
+        decide: impl FnMut(IpAddr, &SourceRecord) -> Vec<ServiceDecision>,
+    ) -> Result<Restored, DataplaneError> {
+        let kernel = store.sessions()?;
+        let mut table = SessionTable::new(capacity, max_lifetime);
+        let (mut change, adopted) = table.adopt(owners, &kernel, now);
+        let policy = table.reevaluate(now, max_lifetime, decide);
+        let reevaluated = Reevaluated {
+            revoked: policy.ended.len(),
+            sources_ended: policy.sources_ended,
+            updated: policy.upsert.len(),
+        };
+        change.remove.extend(policy.remove);
+        if !change.remove.is_empty() {
+            store.remove_sessions(&change.remove)?;
+        }
+        if !policy.upsert.is_empty() {
+            store.upsert_sessions(&policy.upsert)?;
+        }
+        Ok(Restored {
+            table,
+            ended: policy.ended,
+            adopted,
+            reevaluated,
+        })
+    }
+
+    /// A manager over `store` that carries on from `restored`: audits the sessions the new
+    /// policy ended (`policy-changed`) and rewrites `journal` with what was adopted.
+    pub fn resume(
+        store: Box<dyn SessionStore>,
+        catalog: Arc<Catalog>,
+        restored: Restored,
+        journal: Option<SessionJournal>,
+        audit: AuditLog,
+    ) -> Self {
+        let mut manager = Self {
+            table: restored.table,
+            store,
+            catalog,
+            dirty: false,
+            audit,
+            journal,
+            journal_failing: false,
+        };
+        manager.audit_ended(&restored.ended);
+        manager.rewrite_journal();
+        manager
     }
 
     /// Records to `audit` from now on (the default records to `tracing` only).
@@ -296,6 +383,7 @@ impl SessionManager {
             self.fail_closed(source);
             return Err(e.into());
         }
+        self.persist([source]);
         for d in decisions.iter().filter(|d| d.log) {
             let expires_at = login
                 .granted
@@ -329,6 +417,7 @@ impl SessionManager {
     /// included), for reloads to evaluate the new policy against.
     pub fn set_policy_identity(&mut self, source: IpAddr, identity: Arc<Identity>) {
         self.table.set_policy_identity(source, identity);
+        self.persist([source]);
     }
 
     /// A configuration reload: re-evaluates every session with `decide` (see
@@ -361,6 +450,7 @@ impl SessionManager {
             self.dirty = true;
         }
         self.audit_ended(&change.ended);
+        self.persist(touched(&change));
         let applied = self
             .store
             .set_services(dataplane.services)
@@ -417,6 +507,7 @@ impl SessionManager {
             tracing::error!(error = %e, "removing expired sessions failed; will reconcile");
         }
         self.audit_ended(&change.ended);
+        self.persist(touched(&change));
         if self.dirty {
             self.reconcile(now);
         }
@@ -427,6 +518,7 @@ impl SessionManager {
     fn finish(&mut self, change: Change) -> Result<Removed, SessionError> {
         let applied = self.apply(&change);
         self.audit_ended(&change.ended);
+        self.persist(touched(&change));
         applied?;
         Ok(Removed {
             sources: change.sources_ended,
@@ -454,6 +546,7 @@ impl SessionManager {
     fn fail_closed(&mut self, source: IpAddr) {
         let change = self.table.end_source(source, EndReason::Error);
         self.audit_ended(&change.ended);
+        self.persist([source]);
         let keys: Vec<_> = self.catalog.iter().map(|s| (source, s.id)).collect();
         if let Err(e) = self.store.remove_sessions(&keys) {
             tracing::error!(%source, error = %e, "clearing a source after a failure failed; will reconcile");
@@ -491,6 +584,62 @@ impl SessionManager {
         }
     }
 
+    /// Records the current state of `sources` in the journal (their record, or that they have
+    /// none), and rewrites it when it has grown enough. A journal that fails costs the next run
+    /// the names of these sessions (it then removes them), never enforcement now: logged, not
+    /// returned.
+    fn persist(&mut self, sources: impl IntoIterator<Item = IpAddr>) {
+        let Some(journal) = &mut self.journal else {
+            return;
+        };
+        let mut result = Ok(());
+        for source in sources {
+            let source = source.to_canonical();
+            result = match self.table.get(source) {
+                Some(r) => journal.put(&OwnerRecord::of(source, r)),
+                None => journal.del(source),
+            }
+            .and(result);
+        }
+        if result.is_ok() && journal.wants_rewrite() {
+            return self.rewrite_journal();
+        }
+        self.journal_result(result);
+    }
+
+    /// Rewrites the journal with the whole table.
+    fn rewrite_journal(&mut self) {
+        let Some(journal) = &mut self.journal else {
+            return;
+        };
+        let records: Vec<OwnerRecord> = self
+            .table
+            .iter()
+            .map(|(s, r)| OwnerRecord::of(*s, r))
+            .collect();
+        let result = journal.rewrite(&records);
+        self.journal_result(result);
+    }
+
+    fn journal_result(&mut self, result: Result<(), super::journal::JournalError>) {
+        match result {
+            Ok(()) if self.journal_failing => {
+                tracing::info!("the session journal works again");
+                self.journal_failing = false;
+            }
+            Ok(()) => {}
+            Err(e) if !self.journal_failing => {
+                tracing::error!(
+                    error = %e,
+                    "the session journal failed: sessions changed from now on are enforced, but \
+                     a restart cannot name them and will remove them"
+                );
+                self.journal_failing = true;
+            }
+            Err(_) => {}
+        }
+    }
+
     fn audit_ended(&self, ended: &[Ended]) {
         for e in ended {
             let service = self.service(e.grant.service, &e.grant.service_name);
@@ -515,6 +664,17 @@ impl SessionManager {
             }),
         }
     }
+}
+
+/// The sources a change touched.
+fn touched(change: &Change) -> BTreeSet<IpAddr> {
+    change
+        .remove
+        .iter()
+        .map(|(s, _)| *s)
+        .chain(change.upsert.iter().map(|s| s.source))
+        .chain(change.ended.iter().map(|e| e.source))
+        .collect()
 }
 
 fn action_name(a: Action) -> &'static str {

@@ -5,11 +5,13 @@
 //!   bookkeeping, returning the kernel changes each operation needs.
 //! - [`SessionManager`]: applies those changes to the data plane (removals before writes, fail
 //!   closed on errors), sweeps expired sessions and audits everything.
+//! - [`journal`]: the owners of pinned sessions, so that a restarted agent adopts them.
 //! - [`FailureLimiter`]: the session endpoint's per-source budget of failed attempts.
 //! - [`audit`]: the audit records.
 
 pub mod audit;
 mod ids;
+pub mod journal;
 mod limiter;
 mod manager;
 mod table;
@@ -28,12 +30,12 @@ pub use self::{
     ids::IdAllocator,
     limiter::{DEFAULT_CAPACITY as LIMITER_CAPACITY, FailureLimiter},
     manager::{
-        Attachment, DataplaneUpdate, LoginOutcome, Reevaluated, Removed, SessionError,
+        Attachment, DataplaneUpdate, LoginOutcome, Reevaluated, Removed, Restored, SessionError,
         SessionManager, SessionStore,
     },
     table::{
-        Change, EndReason, Ended, Grant, IdentityRecord, Login, NewIdentity, Now, ServiceView,
-        SessionTable, SessionView, SourceRecord, TableError, grant_expiry,
+        Adopted, Change, EndReason, Ended, Grant, IdentityRecord, Login, NewIdentity, Now,
+        ServiceView, SessionTable, SessionView, SourceRecord, TableError, grant_expiry,
     },
     time::rfc3339,
 };

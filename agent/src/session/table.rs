@@ -14,7 +14,11 @@ use std::{
 
 use serde::Serialize;
 
-use super::{ids::IdAllocator, time::rfc3339};
+use super::{
+    ids::IdAllocator,
+    journal::{OwnerRecord, from_unix_ms},
+    time::rfc3339,
+};
 use crate::{
     dataplane::{Expiry, ServiceId, Session},
     policy::{Action, Identity, MatchedRule, ServiceDecision},
@@ -192,6 +196,19 @@ pub enum TableError {
     IdsExhausted,
 }
 
+/// What adopting an earlier run's sessions found (see [`SessionTable::adopt`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Adopted {
+    /// Sources adopted with their identity.
+    pub sources: usize,
+    /// Kernel entries adopted.
+    pub sessions: usize,
+    /// Kernel entries no record names consistently (identity id, service and rule); removed.
+    pub unowned: usize,
+    /// Kernel entries already expired; removed.
+    pub expired: usize,
+}
+
 /// When a session opened now ends: at the token's `exp`, the rule's lifetime or the global
 /// lifetime, whichever comes first. `None` if that is not in the future.
 pub fn grant_expiry(
@@ -357,6 +374,104 @@ impl SessionTable {
             replaced,
             granted,
         })
+    }
+
+    /// Adopts the sessions an earlier run left in the kernel (`kernel`), named by that run's
+    /// owner records. A kernel entry is adopted only if the record of its source carries its
+    /// identity id, its service and its rule; it keeps its kernel expiry. Every other entry, and
+    /// every expired one, is to be removed (the returned change's `remove`; nothing is audited
+    /// for them, as nothing names them). Records without kernel entries are dropped. Meant for an
+    /// empty table, at start.
+    pub fn adopt(
+        &mut self,
+        owners: Vec<OwnerRecord>,
+        kernel: &[Session],
+        now: Now,
+    ) -> (Change, Adopted) {
+        let mut owners: HashMap<IpAddr, OwnerRecord> = owners
+            .into_iter()
+            .map(|o| (o.source.to_canonical(), o))
+            .collect();
+        let mut by_source: BTreeMap<IpAddr, Vec<&Session>> = BTreeMap::new();
+        for k in kernel {
+            by_source
+                .entry(k.source.to_canonical())
+                .or_default()
+                .push(k);
+        }
+        let mut change = Change::default();
+        let mut adopted = Adopted::default();
+        for (source, entries) in by_source {
+            let owner = owners.remove(&source);
+            let mut grants = BTreeMap::new();
+            for k in entries {
+                let record = owner.as_ref().and_then(|o| {
+                    let g = o.grants.iter().find(|g| g.service_id == k.service.get())?;
+                    (o.identity_id == k.identity_id && g.rule_id == k.rule_id).then_some(g)
+                });
+                match record {
+                    _ if k.expires <= now.mono => {
+                        adopted.expired += 1;
+                        change.remove.push((source, k.service));
+                    }
+                    None => {
+                        adopted.unowned += 1;
+                        change.remove.push((source, k.service));
+                    }
+                    Some(g) => {
+                        let left = Duration::from_nanos(
+                            k.expires.as_ns().saturating_sub(now.mono.as_ns()),
+                        );
+                        grants.insert(
+                            k.service,
+                            Grant {
+                                service: k.service,
+                                service_name: g.service.clone(),
+                                rule: MatchedRule {
+                                    id: g.rule_id,
+                                    name: g.rule.clone(),
+                                },
+                                started: Expiry::from_ns(g.started_ns),
+                                expires: k.expires,
+                                expires_at: now.wall + left,
+                                log: g.log,
+                            },
+                        );
+                    }
+                }
+            }
+            let Some(owner) = owner.filter(|_| !grants.is_empty()) else {
+                continue;
+            };
+            let who = NewIdentity {
+                issuer: owner.issuer.clone(),
+                subject: owner.subject.clone(),
+                user: owner.user.clone(),
+                groups: owner.groups.clone(),
+            };
+            let Some(identity) = self.intern_as(who, owner.identity_id) else {
+                // Another identity holds the id: the records contradict each other.
+                adopted.unowned += grants.len();
+                change
+                    .remove
+                    .extend(grants.keys().map(|service| (source, *service)));
+                continue;
+            };
+            adopted.sources += 1;
+            adopted.sessions += grants.len();
+            self.entries += grants.len();
+            self.sources.insert(
+                source,
+                SourceRecord {
+                    identity,
+                    since: from_unix_ms(owner.since_ms),
+                    token_expires_at: from_unix_ms(owner.token_expires_ms),
+                    grants,
+                    policy_identity: owner.policy_identity(),
+                },
+            );
+        }
+        (change, adopted)
     }
 
     /// Ends every session of `source`.
@@ -622,6 +737,32 @@ impl SessionTable {
         self.interned.insert(who, id);
         self.identities.insert(id, (record.clone(), 1));
         Ok(record)
+    }
+
+    /// Interns `who` under the id an earlier run gave it; `None` if that id is taken by another
+    /// identity (or `who` already has another id).
+    fn intern_as(&mut self, who: NewIdentity, id: u32) -> Option<Arc<IdentityRecord>> {
+        if let Some(&have) = self.interned.get(&who) {
+            let (record, refs) = self.identities.get_mut(&have)?;
+            if have != id {
+                return None;
+            }
+            *refs += 1;
+            return Some(record.clone());
+        }
+        if self.identities.contains_key(&id) || !self.ids.reserve(id) {
+            return None;
+        }
+        let record = Arc::new(IdentityRecord {
+            id,
+            issuer: who.issuer.clone(),
+            subject: who.subject.clone(),
+            user: who.user.clone(),
+            groups: who.groups.clone(),
+        });
+        self.interned.insert(who, id);
+        self.identities.insert(id, (record.clone(), 1));
+        Some(record)
     }
 
     fn release(&mut self, id: u32) {

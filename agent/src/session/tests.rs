@@ -8,7 +8,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use super::*;
+use super::{audit::AuditLog, *};
 use crate::{
     dataplane::{DataplaneError, Expiry, Protocol, ServiceId, Session},
     policy::{Action, MatchedRule, ServiceDecision},
@@ -618,4 +618,331 @@ fn revoke_by_user_and_source() {
         }
     );
     assert!(store.keys().is_empty());
+}
+
+/// A directory of its own under the system's temporary directory, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("idgate-session-{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn owner(source: &str, id: u32, user: &str, grants: &[(u32, u32)]) -> journal::OwnerRecord {
+    journal::OwnerRecord {
+        source: ip(source),
+        identity_id: id,
+        issuer: "https://idp.example".into(),
+        subject: format!("sub-{user}"),
+        user: user.into(),
+        groups: vec!["web".into()],
+        since_ms: 1_700_000_000_000,
+        token_expires_ms: 1_700_003_600_000,
+        grants: grants
+            .iter()
+            .map(|&(service, rule)| journal::GrantRecord {
+                service_id: service,
+                service: format!("svc{service}"),
+                rule_id: rule,
+                rule: format!("rule{rule}"),
+                log: true,
+                started_ns: now().mono.as_ns(),
+            })
+            .collect(),
+        policy_identity: None,
+    }
+}
+
+fn kernel(source: &str, service: u32, id: u32, rule: u32, expires: Expiry) -> Session {
+    Session {
+        source: ip(source),
+        service: sid(service),
+        expires,
+        identity_id: id,
+        rule_id: rule,
+    }
+}
+
+#[test]
+fn journal_replays_the_last_state_of_each_source_and_skips_torn_lines() {
+    let dir = TempDir::new("replay");
+    let path = dir.0.join("state/sessions.jsonl");
+    let (mut j, replayed) = journal::SessionJournal::open(&path).unwrap();
+    assert!(replayed.records.is_empty() && j.is_empty());
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "it holds identities and claims");
+    let mut alice = owner("192.0.2.1", 1, "alice", &[(1, 1)]);
+    alice.policy_identity = Some(crate::policy::Identity {
+        issuer: "https://idp.example".into(),
+        user: "alice".into(),
+        groups: vec!["web".into()],
+        scopes: vec!["api".into()],
+        claims: serde_json::json!({"sub": "sub-alice", "dept": "ops"}),
+    });
+    j.put(&owner("192.0.2.1", 1, "alice", &[(1, 1), (2, 1)]))
+        .unwrap();
+    j.put(&owner("192.0.2.2", 2, "bob", &[(1, 1)])).unwrap();
+    j.put(&alice).unwrap();
+    j.del(ip("192.0.2.2")).unwrap();
+    drop(j);
+    // A line torn by a crash, and one of another format version.
+    let mut tail = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    std::io::Write::write_all(
+        &mut tail,
+        b"{\"v\":1,\"put\":{\"source\":\"192.0.2.3\",\"iden",
+    )
+    .unwrap();
+    std::io::Write::write_all(&mut tail, b"\n{\"v\":99,\"del\":\"192.0.2.1\"}\n").unwrap();
+    drop(tail);
+
+    let (mut j, replayed) = journal::SessionJournal::open(&path).unwrap();
+    assert_eq!(replayed.skipped, 2);
+    assert_eq!(
+        replayed.records,
+        [alice.clone()],
+        "bob was deleted; alice's last put wins"
+    );
+    // A rewrite keeps exactly the records given.
+    let before = j.len();
+    j.rewrite([&alice]).unwrap();
+    assert!(j.len() < before);
+    assert!(!dir.0.join("state/sessions.jsonl.new").exists());
+    let (_, replayed) = journal::SessionJournal::open(&path).unwrap();
+    assert_eq!((replayed.records, replayed.skipped), (vec![alice], 0));
+}
+
+#[test]
+fn adoption_keeps_named_sessions_with_their_ids_and_drops_the_rest() {
+    let n = now();
+    let hour = later(n, HOUR).mono;
+    let owners = vec![
+        owner("192.0.2.1", 3, "alice", &[(1, 1), (2, 4)]),
+        owner("192.0.2.2", 1, "bob", &[(1, 1)]),
+        // A record without kernel entries: its sessions ended while no agent ran.
+        owner("192.0.2.9", 2, "carol", &[(1, 1)]),
+        // Claims id 3 too, for another identity: contradicts alice's record.
+        owner("192.0.2.5", 3, "mallory", &[(1, 1)]),
+    ];
+    let kernel = [
+        kernel("192.0.2.1", 1, 3, 1, hour),
+        kernel("192.0.2.1", 2, 4, 4, hour), // another identity id than the record's
+        kernel("192.0.2.2", 1, 1, 1, hour),
+        kernel("192.0.2.2", 2, 1, 1, hour), // a service the record does not grant
+        kernel("192.0.2.3", 1, 5, 1, hour), // no record at all
+        kernel("192.0.2.4", 1, 6, 1, n.mono), // expired
+        kernel("192.0.2.5", 1, 3, 1, hour),
+    ];
+    let mut t = SessionTable::new(100, 12 * HOUR);
+    let (change, adopted) = t.adopt(owners, &kernel, n);
+    assert_eq!(
+        adopted,
+        Adopted {
+            sources: 2,
+            sessions: 2,
+            unowned: 4,
+            expired: 1
+        }
+    );
+    let mut removed = change.remove.clone();
+    removed.sort();
+    assert_eq!(
+        removed,
+        [
+            (ip("192.0.2.1"), sid(2)),
+            (ip("192.0.2.2"), sid(2)),
+            (ip("192.0.2.3"), sid(1)),
+            (ip("192.0.2.4"), sid(1)),
+            (ip("192.0.2.5"), sid(1)),
+        ]
+    );
+    assert!(change.upsert.is_empty() && change.ended.is_empty());
+    let alice = t.view(ip("192.0.2.1")).unwrap();
+    assert_eq!((alice.user.as_str(), alice.identity_id), ("alice", 3));
+    assert_eq!(alice.services.len(), 1);
+    assert_eq!(alice.services[0].rule.name, "rule1");
+    assert_eq!(
+        alice.since,
+        rfc3339(journal::from_unix_ms(1_700_000_000_000))
+    );
+    assert_eq!(t.view(ip("192.0.2.2")).unwrap().identity_id, 1);
+    assert_eq!(t.entries(), 2);
+    assert!(t.holds(ip("192.0.2.1"), sid(1), 3));
+    // The kernel's expiry is kept, on both clocks.
+    let grant = &t.get(ip("192.0.2.1")).unwrap().grants[&sid(1)];
+    assert_eq!(grant.expires, hour);
+    assert_eq!(grant.expires_at, n.wall + HOUR);
+    // New logins get ids the adopted identities do not hold.
+    let dave = t
+        .login(
+            ip("192.0.2.7"),
+            who("dave", &[]),
+            n.wall + HOUR,
+            &[allow(1, 1, None)],
+            n,
+        )
+        .unwrap();
+    assert_eq!(dave.identity.id, 2);
+    let erin = t
+        .login(
+            ip("192.0.2.8"),
+            who("erin", &[]),
+            n.wall + HOUR,
+            &[allow(1, 1, None)],
+            n,
+        )
+        .unwrap();
+    assert_eq!(erin.identity.id, 4);
+}
+
+#[test]
+fn a_restarted_manager_adopts_journaled_sessions_under_the_new_policy() {
+    let dir = TempDir::new("restart");
+    let path = dir.0.join("sessions.jsonl");
+    let audit_path = dir.0.join("audit.jsonl");
+    let store = FakeStore::default();
+    let n = Now::current();
+    let (alice, bob) = (ip("192.0.2.1"), ip("192.0.2.2"));
+
+    // First run.
+    let (journal, replayed) = journal::SessionJournal::open(&path).unwrap();
+    let restored = SessionManager::restore(
+        &mut store.clone(),
+        replayed.records,
+        100,
+        12 * HOUR,
+        n,
+        |_, _| unreachable!("nothing to re-evaluate"),
+    )
+    .unwrap();
+    let mut m = SessionManager::resume(
+        Box::new(store.clone()),
+        catalog(),
+        restored,
+        Some(journal),
+        AuditLog::default(),
+    );
+    m.login_at(
+        alice,
+        who("alice", &["web"]),
+        n.wall + HOUR,
+        &[allow(1, 1, None), allow(2, 2, None)],
+        n,
+    )
+    .unwrap();
+    m.set_policy_identity(
+        alice,
+        Arc::new(crate::policy::Identity {
+            issuer: "https://idp.example".into(),
+            user: "alice".into(),
+            groups: vec!["web".into()],
+            scopes: vec!["api".into()],
+            claims: serde_json::json!({"dept": "ops"}),
+        }),
+    );
+    m.login_at(bob, who("bob", &[]), n.wall + HOUR, &[allow(1, 1, None)], n)
+        .unwrap();
+    m.logout(bob).unwrap();
+    m.login_at(
+        ip("192.0.2.3"),
+        who("carol", &[]),
+        n.wall + HOUR,
+        &[allow(1, 1, None)],
+        n,
+    )
+    .unwrap();
+    let alice_id = m.table().view(alice).unwrap().identity_id;
+    // The agent dies; the kernel keeps its entries. One more appears that no run recorded.
+    drop(m);
+    store.map.lock().unwrap().insert(
+        (ip("192.0.2.66"), sid(1)),
+        kernel("192.0.2.66", 1, 9, 1, later(n, HOUR).mono),
+    );
+
+    // Second run: the new policy no longer lets alice reach service 2, and nobody else anything
+    // (carol's session ends with policy-changed).
+    let (journal, replayed) = journal::SessionJournal::open(&path).unwrap();
+    assert_eq!(replayed.records.len(), 2, "alice and carol");
+    let mut seen = Vec::new();
+    let restored = SessionManager::restore(
+        &mut store.clone(),
+        replayed.records,
+        100,
+        12 * HOUR,
+        n,
+        |source, record| {
+            seen.push((source, record.policy_identity.clone()));
+            if record.identity.user == "alice" {
+                vec![allow(1, 7, None), deny(2)]
+            } else {
+                vec![deny(1)]
+            }
+        },
+    )
+    .unwrap();
+    assert_eq!(restored.adopted.sessions, 3);
+    assert_eq!(restored.adopted.unowned, 1);
+    assert_eq!(
+        restored.reevaluated,
+        Reevaluated {
+            revoked: 2,
+            sources_ended: 1,
+            updated: 1
+        }
+    );
+    let claims = seen
+        .iter()
+        .find(|(s, _)| *s == alice)
+        .and_then(|(_, i)| i.clone())
+        .expect("alice re-evaluated with the identity she logged in with");
+    assert_eq!(claims.scopes, ["api"]);
+    assert_eq!(claims.claims["dept"], "ops");
+    let audit = AuditLog::open(&crate::config::AuditConfig::File(audit_path.clone())).unwrap();
+    let mut m = SessionManager::resume(
+        Box::new(store.clone()),
+        catalog(),
+        restored,
+        Some(journal),
+        audit,
+    );
+    assert_eq!(store.keys(), [(alice, sid(1))]);
+    assert_eq!(store.map.lock().unwrap()[&(alice, sid(1))].rule_id, 7);
+    let view = m.table().view(alice).unwrap();
+    assert_eq!((view.user.as_str(), view.identity_id), ("alice", alice_id));
+    assert_eq!(view.services[0].rule.name, "rule7");
+    let lines = std::fs::read_to_string(&audit_path).unwrap();
+    let ended: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(ended.len(), 2, "{lines}");
+    assert!(
+        ended
+            .iter()
+            .all(|e| e["session_end_reason"] == "policy-changed"),
+        "{lines}"
+    );
+
+    // The adopted session can be revoked, and the journal forgets it.
+    assert_eq!(m.revoke_source(alice).unwrap().sessions, 1);
+    assert!(store.keys().is_empty());
+    drop(m);
+    let (_, replayed) = journal::SessionJournal::open(&path).unwrap();
+    assert!(replayed.records.is_empty());
 }
