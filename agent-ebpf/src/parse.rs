@@ -208,6 +208,10 @@ pub trait Packet {
     fn data(&self) -> usize;
     /// Address one past the last directly accessible byte.
     fn data_end(&self) -> usize;
+    /// The whole packet's length. More than `data_end - data` when part of it is not directly
+    /// accessible: a TC skb built by GRO or handed over by a GSO sender carries up to 64 KiB,
+    /// most of it in paged fragments behind a linear area holding little more than the headers.
+    fn len(&self) -> usize;
     /// Copies `N` bytes at `off` through the hook's load-bytes helper.
     fn load<const N: usize>(&self, off: usize) -> Option<[u8; N]>;
 }
@@ -217,6 +221,9 @@ pub trait Packet {
 pub fn parse<P: Packet>(pkt: &P, flow: &mut Flow) -> Parsed {
     let start = pkt.data();
     let end = pkt.data_end();
+    // Headers are read from the directly accessible part; a datagram is judged whole against
+    // the packet's length (see [`Packet::len`]).
+    let len = pkt.len();
     let Some(eth) = header::<[u8; 14]>(start, end, 0) else {
         // Shorter than an Ethernet header: no stack will take it as IP.
         return Parsed::Unprotected;
@@ -237,15 +244,15 @@ pub fn parse<P: Packet>(pkt: &P, flow: &mut Flow) -> Parsed {
     }
     flow.l3_off = off;
     match ethertype {
-        ETH_P_IP => parse_ipv4(start, end, off, flow),
-        ETH_P_IPV6 => parse_ipv6(pkt, start, end, off, flow),
+        ETH_P_IP => parse_ipv4(start, end, len, off, flow),
+        ETH_P_IPV6 => parse_ipv6(pkt, start, end, len, off, flow),
         ETH_P_8021Q | ETH_P_8021AD => Parsed::BadL3,
         _ => Parsed::Unprotected,
     }
 }
 
 #[inline(always)]
-fn parse_ipv4(start: usize, end: usize, off: usize, flow: &mut Flow) -> Parsed {
+fn parse_ipv4(start: usize, end: usize, len: usize, off: usize, flow: &mut Flow) -> Parsed {
     let Some(ip) = header::<[u8; 20]>(start, end, off) else {
         return Parsed::BadL3;
     };
@@ -256,7 +263,7 @@ fn parse_ipv4(start: usize, end: usize, off: usize, flow: &mut Flow) -> Parsed {
     }
     let ihl = ((ip[0] & 0x0f) as usize) * 4;
     let total = be16(ip, 2) as usize;
-    if ihl < 20 || total < ihl || off + total > end - start {
+    if ihl < 20 || total < ihl || off + total > len {
         return Parsed::BadL3;
     }
     let mut proto = ip[9];
@@ -307,7 +314,14 @@ fn parse_ipv4(start: usize, end: usize, off: usize, flow: &mut Flow) -> Parsed {
 }
 
 #[inline(always)]
-fn parse_ipv6<P: Packet>(pkt: &P, start: usize, end: usize, off: usize, flow: &mut Flow) -> Parsed {
+fn parse_ipv6<P: Packet>(
+    pkt: &P,
+    start: usize,
+    end: usize,
+    len: usize,
+    off: usize,
+    flow: &mut Flow,
+) -> Parsed {
     let Some(ip) = header::<[u8; 40]>(start, end, off) else {
         return Parsed::BadL3;
     };
@@ -329,7 +343,7 @@ fn parse_ipv6<P: Packet>(pkt: &P, start: usize, end: usize, off: usize, flow: &m
     if next == IPPROTO_TCP || next == IPPROTO_UDP {
         // The common case, no extension headers: read the transport header in place.
         flow.proto = next;
-        if ip_end > end - start {
+        if ip_end > len {
             return Parsed::BadL3;
         }
         parse_l4(start, end, off + 40, ip_end, flow);
@@ -338,7 +352,7 @@ fn parse_ipv6<P: Packet>(pkt: &P, start: usize, end: usize, off: usize, flow: &m
     if !is_extension(next) {
         return Parsed::Unprotected;
     }
-    parse_ipv6_extensions(pkt, start, end, off + 40, ip_end, next, flow)
+    parse_ipv6_extensions(pkt, len, off + 40, ip_end, next, flow)
 }
 
 const V4_MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
@@ -359,8 +373,7 @@ fn is_extension(next: u8) -> bool {
 #[inline(always)]
 fn parse_ipv6_extensions<P: Packet>(
     pkt: &P,
-    start: usize,
-    end: usize,
+    len: usize,
     mut l4: usize,
     ip_end: usize,
     mut next: u8,
@@ -401,7 +414,7 @@ fn parse_ipv6_extensions<P: Packet>(
     }
     // The walk may also end by reaching its bound exactly as the last extension header ends.
     let walked = walked || !is_extension(next);
-    if !walked || l4 > ip_end || ip_end > end - start {
+    if !walked || l4 > ip_end || ip_end > len {
         return Parsed::BadL3;
     }
     if flow.frag == Frag::Later {

@@ -34,6 +34,11 @@ impl Packet for TcPacket<'_> {
     }
 
     #[inline(always)]
+    fn len(&self) -> usize {
+        self.0.len() as usize
+    }
+
+    #[inline(always)]
     fn load<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
         let mut buf = [0u8; N];
         // SAFETY: the helper writes at most N bytes into `buf`, from linear or paged data, and

@@ -30,6 +30,12 @@ impl Packet for XdpPacket<'_> {
     }
 
     #[inline(always)]
+    fn len(&self) -> usize {
+        // Not loaded with BPF_F_XDP_HAS_FRAGS: the frame is one linear buffer.
+        self.0.data_end() - self.0.data()
+    }
+
+    #[inline(always)]
     fn load<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
         let mut buf = [0u8; N];
         // SAFETY: the helper writes at most N bytes into `buf` and checks `off` itself.

@@ -640,6 +640,57 @@ fn session_opens_the_port_until_it_expires() {
     });
 }
 
+/// A bulk upload through a session arrives whole. The sender's TCP hands the veth segments of up
+/// to 64 KiB (GSO), which reach the server's ingress as one skb whose IP length exceeds its linear
+/// part: the parser must judge the datagram by the packet's length, not by the bytes it can read
+/// directly (TC once dropped every such skb as malformed, stalling any transfer).
+#[test]
+fn bulk_uploads_through_a_session_arrive_whole() {
+    const BULK: u16 = 8100;
+    const BYTES: usize = 8 << 20;
+    for_each_case(|case| {
+        let mut env = Env::new(case, &[tcp_service(1, BULK, ServiceAction::Drop)]);
+        let addr = SocketAddr::new(Pair::srv_addr(case.v6), BULK);
+        let listener = env
+            .net
+            .srv
+            .run_in(|| TcpListener::bind(addr))
+            .expect("binding the bulk sink");
+        // The sink counts what it receives until EOF and answers with the count.
+        let sink = thread::spawn(move || -> io::Result<u64> {
+            let (mut conn, _) = listener.accept()?;
+            conn.set_read_timeout(Some(DEADLINE))?;
+            let got = io::copy(&mut conn.try_clone()?, &mut io::sink())?;
+            conn.write_all(format!("{got}\n").as_bytes())?;
+            Ok(got)
+        });
+        let session = env.session(env.cli_ip(), 1, Expiry::after(Duration::from_secs(60)));
+        env.dp()
+            .upsert_session(&session)
+            .expect("upserting the session");
+        let (conn, _) = env.connect(BULK, GENEROUS);
+        let mut conn = conn.unwrap_or_else(|e| panic!("connecting to the bulk sink: {e}"));
+        conn.set_write_timeout(Some(DEADLINE))
+            .expect("write timeout");
+        conn.set_read_timeout(Some(DEADLINE)).expect("read timeout");
+        let chunk = vec![0x5a_u8; 256 << 10];
+        for _ in 0..BYTES / chunk.len() {
+            conn.write_all(&chunk)
+                .unwrap_or_else(|e| panic!("uploading through the session: {e}"));
+        }
+        conn.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        let mut answer = String::new();
+        BufReader::new(&conn)
+            .read_line(&mut answer)
+            .unwrap_or_else(|e| panic!("reading the sink's count: {e}"));
+        let got = sink.join().expect("the sink thread").expect("the sink");
+        assert_eq!(got, BYTES as u64, "bytes the server received");
+        assert_eq!(answer.trim(), BYTES.to_string());
+        let c = env.counters(1);
+        assert!(c.get(Reason::Malformed).packets == 0, "{c:?}");
+    });
+}
+
 /// A session opens only its own (source, service), and removing it closes the port again.
 #[test]
 fn sessions_are_specific_and_removable() {
