@@ -25,7 +25,7 @@ use idgate_tests::{
     netns::{NetNs, Pair, unique_id},
     run::require_root,
 };
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const BLOCKED_WAIT: Duration = Duration::from_millis(400);
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -349,6 +349,40 @@ fn scenario(pair: &Pair, ca: &TestCa, idp: &dyn Issuer) -> Result<()> {
     );
     ensure!(reloads(&pair.srv, "failed")? == 3.0, "failed reloads");
     ensure!(reloads(&pair.srv, "ok")? == 2.0, "ok reloads");
+    // Each reload is in the audit stream: who asked, what it did, why it was refused.
+    let reloads: Vec<Value> = audit_lines(&audit_file)
+        .into_iter()
+        .filter(|v| v["event"] == "config-reload")
+        .collect();
+    let summary: Vec<(String, String, u64)> = reloads
+        .iter()
+        .map(|v| {
+            (
+                v["trigger"].as_str().unwrap_or("?").to_owned(),
+                v["result"].as_str().unwrap_or("?").to_owned(),
+                v["sessions_revoked"].as_u64().unwrap_or(99),
+            )
+        })
+        .collect();
+    let expected = [
+        ("admin", "applied", 1),
+        ("sighup", "applied", 0),
+        ("admin", "refused", 0),
+        ("admin", "refused", 0),
+        ("admin", "refused", 0),
+    ]
+    .map(|(t, r, n)| (t.to_owned(), r.to_owned(), n));
+    ensure!(summary == expected, "config-reload records: {reloads:?}");
+    ensure!(
+        reloads
+            .iter()
+            .all(|v| v["path"] == path.display().to_string()),
+        "{reloads:?}"
+    );
+    ensure!(
+        reloads[4]["errors"].to_string().contains("restart") && reloads[1]["errors"] == json!([]),
+        "{reloads:?}"
+    );
     daemon.stop()?;
     Ok(())
 }

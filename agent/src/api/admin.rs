@@ -206,7 +206,7 @@ pub(crate) async fn reload(app: &App, method: &Method) -> HttpResponse {
             "POST to reload the configuration",
         );
     }
-    match crate::runtime::reload::reload_file(app).await {
+    match crate::runtime::reload::reload_file(app, "admin").await {
         Ok(report) => json(StatusCode::OK, &report),
         Err(e) => json(StatusCode::UNPROCESSABLE_ENTITY, &e),
     }

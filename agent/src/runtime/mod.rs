@@ -310,7 +310,7 @@ pub async fn run_from(
             Some(()) = next_hangup(&mut hangup) => {
                 tracing::info!("SIGHUP received: reloading the configuration");
                 // Logged and counted inside; the daemon carries on either way.
-                let _ = reload::reload_file(&app).await;
+                let _ = reload::reload_file(&app, "sighup").await;
             }
             Some(ended) = tasks.join_next_with_id() => {
                 let id = match &ended {

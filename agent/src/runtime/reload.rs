@@ -35,7 +35,7 @@ use crate::{
     config::{Config, LoadError},
     identity::{RefreshTasks, Verifier},
     policy::{Identity, Policy, ServiceDecision},
-    session::{Catalog, DataplaneUpdate, Reevaluated, SourceRecord},
+    session::{Catalog, DataplaneUpdate, Reevaluated, SourceRecord, audit::AuditEvent},
     wiring,
 };
 
@@ -97,8 +97,8 @@ impl ReloadError {
 }
 
 /// Re-reads the configuration file the daemon was started with and applies it (see the module
-/// documentation); logs and counts the outcome.
-pub async fn reload_file(app: &App) -> Result<ReloadReport, ReloadError> {
+/// documentation); logs, counts and audits the outcome (`trigger`: what asked, e.g. `sighup`).
+pub async fn reload_file(app: &App, trigger: &str) -> Result<ReloadReport, ReloadError> {
     let mut state = app.reload.lock().await;
     let result = match state.path.clone() {
         None => Err(ReloadError::new(vec![
@@ -119,23 +119,38 @@ pub async fn reload_file(app: &App) -> Result<ReloadReport, ReloadError> {
             Err(e) => Err(ReloadError::new(vec![e.to_string()])),
         },
     };
+    let path = state.path.clone();
     drop(state);
-    outcome(app, result)
+    outcome(app, trigger, path.as_deref(), result)
 }
 
 /// Applies `config` (already validated, e.g. by [`Config::parse`]) in place of the running
-/// configuration; logs and counts the outcome.
+/// configuration; logs, counts and audits the outcome.
 pub async fn reload(app: &App, config: Config) -> Result<ReloadReport, ReloadError> {
     let mut state = app.reload.lock().await;
     let result = apply(app, &mut state, config, Vec::new()).await;
     drop(state);
-    outcome(app, result)
+    outcome(app, "api", None, result)
 }
 
 fn outcome(
     app: &App,
+    trigger: &str,
+    path: Option<&std::path::Path>,
     result: Result<ReloadReport, ReloadError>,
 ) -> Result<ReloadReport, ReloadError> {
+    let (sessions, errors) = match &result {
+        Ok(r) => (r.sessions, &[][..]),
+        Err(e) => (Reevaluated::default(), &e.errors[..]),
+    };
+    app.audit.record(&AuditEvent::Reload {
+        trigger,
+        path,
+        result: if result.is_ok() { "applied" } else { "refused" },
+        revoked: sessions.revoked,
+        updated: sessions.updated,
+        errors,
+    });
     match &result {
         Ok(r) => {
             app.metrics.reloaded();

@@ -124,6 +124,21 @@ pub enum AuditEvent<'a> {
         /// How many.
         count: u64,
     },
+    /// A configuration reload, applied or refused.
+    Reload {
+        /// What asked for it: `sighup`, `admin` (`POST /v1/reload`) or `api`.
+        trigger: &'a str,
+        /// The file read, if any.
+        path: Option<&'a std::path::Path>,
+        /// `applied` or `refused`.
+        result: &'a str,
+        /// Sessions the new policy ended.
+        revoked: usize,
+        /// Sessions still allowed whose rule or expiry changed.
+        updated: usize,
+        /// Why it was refused (empty when applied).
+        errors: &'a [String],
+    },
 }
 
 /// Told of every audit record as it is recorded, on the recording thread (which may hold the
@@ -386,6 +401,7 @@ pub fn event_name(e: &AuditEvent<'_>) -> &'static str {
         AuditEvent::SessionEnd { .. } => "session-end",
         AuditEvent::Flow { .. } => "flow",
         AuditEvent::FlowsSuppressed { .. } => "flows-suppressed",
+        AuditEvent::Reload { .. } => "config-reload",
     }
 }
 
@@ -424,6 +440,9 @@ fn message(e: &AuditEvent<'_>) -> String {
             ..
         } => format!("flow {action} ({reason}): {src} -> {dst}"),
         AuditEvent::FlowsSuppressed { count } => format!("{count} flow records suppressed"),
+        AuditEvent::Reload {
+            trigger, result, ..
+        } => format!("configuration reload ({trigger}) {result}"),
     }
 }
 
@@ -512,6 +531,21 @@ fn fields(e: &AuditEvent<'_>) -> Vec<(&'static str, Value)> {
             ("rule", json!(rule)),
         ],
         AuditEvent::FlowsSuppressed { count } => vec![("count", json!(count))],
+        AuditEvent::Reload {
+            trigger,
+            path,
+            result,
+            revoked,
+            updated,
+            errors,
+        } => vec![
+            ("trigger", json!(trigger)),
+            ("path", json!(path.map(|p| p.display().to_string()))),
+            ("result", json!(result)),
+            ("sessions_revoked", json!(revoked)),
+            ("sessions_updated", json!(updated)),
+            ("errors", json!(errors)),
+        ],
     }
 }
 
@@ -643,6 +677,24 @@ fn trace(e: &AuditEvent<'_>) {
             event = "flows-suppressed",
             count,
             "{count} flow records suppressed"
+        ),
+        AuditEvent::Reload {
+            trigger,
+            path,
+            result,
+            revoked,
+            updated,
+            errors,
+        } => tracing::info!(
+            target: "idgate::audit",
+            event = "config-reload",
+            trigger,
+            path = path.map(|p| p.display().to_string()),
+            result,
+            sessions_revoked = revoked,
+            sessions_updated = updated,
+            errors = ?errors,
+            "configuration reload ({trigger}) {result}"
         ),
     }
 }

@@ -384,7 +384,9 @@ impl SessionManager {
             return Err(e.into());
         }
         self.persist([source]);
-        for d in decisions.iter().filter(|d| d.log) {
+        // Every decision reaches the audit observer (User-ID must learn of a session the policy
+        // asked not to log); only those of logging rules are written.
+        for d in decisions {
             let expires_at = login
                 .granted
                 .iter()
@@ -397,14 +399,19 @@ impl SessionManager {
                 action_name(d.action)
             };
             let service = self.service(d.service_id, &d.service);
-            self.audit.record(&AuditEvent::Login {
+            let event = AuditEvent::Login {
                 src: source,
                 identity: &login.identity,
                 service: &service,
                 action,
                 rule: d.rule.as_ref().map(|r| (r.name.as_str(), r.id)),
                 expires_at,
-            });
+            };
+            if d.log {
+                self.audit.record(&event);
+            } else {
+                self.audit.notify(&event);
+            }
         }
         Ok(LoginOutcome {
             identity: login.identity,

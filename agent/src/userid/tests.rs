@@ -832,10 +832,35 @@ async fn sessions_become_logins_and_logouts_over_https() {
         assert!(!r.uri.contains("key"), "{}", r.uri);
     }
 
+    // The receiver records a request before its answer reaches the pusher's counters.
+    let counted = rx.requests().len() as u64;
+    eventually("the answers to be counted", || {
+        pusher.stats().snapshot()[0].requests_ok == counted
+    })
+    .await;
     let stats = pusher.stats().snapshot();
     assert_eq!(stats[0].updates_sent, 9);
     assert_eq!(stats[0].requests_failed, 0);
     assert_eq!(stats[0].requests_ok as usize, rx.requests().len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_under_rules_that_do_not_log_are_pushed_too() {
+    let rx = Receiver::start().await;
+    let (_pusher, mut m) = pushing(rx.settings(None, 1000, Duration::from_secs(10)));
+    let mut quiet = allow(1, Duration::from_secs(3600));
+    quiet.log = false;
+    let token_exp = SystemTime::now() + Duration::from_secs(7200);
+    m.login(ip("10.0.0.9"), who(USER), token_exp, &[quiet])
+        .unwrap();
+    eventually("the unlogged rule's login", || rx.delivered().len() == 1).await;
+    assert_eq!(
+        rx.delivered(),
+        [entry("login", USER, "10.0.0.9", Some("60"))]
+    );
+    m.logout(ip("10.0.0.9")).unwrap();
+    eventually("its logout", || rx.delivered().len() == 2).await;
+    assert_eq!(rx.delivered()[1], entry("logout", USER, "10.0.0.9", None));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -927,6 +952,11 @@ async fn failures_are_retried_until_the_firewall_takes_them() {
             entry("login", "carol", "10.0.0.3", Some("10")),
         ]
     );
+    // The receiver records a request before its answer reaches the pusher's counters.
+    eventually("the answer to be counted", || {
+        stats.snapshot()[0].requests_ok == 1
+    })
+    .await;
     let s = stats.snapshot()[0];
     assert_eq!(
         (s.requests_ok, s.updates_sent, s.updates_dropped),
