@@ -9,9 +9,10 @@
 //! Needs root (CI runs it through `cargo xtask test`).
 
 use std::{
-    fs::File,
+    fs::{self, File},
     io::{Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
+    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     thread,
@@ -19,6 +20,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
+use hyper::Method;
 use idgate_tests::{
     daemon::{Daemon, ENDPOINT, PROTECTED, config},
     idp::{Issuer as _, TestCa, TestIdp},
@@ -58,7 +60,7 @@ fn python() -> Result<PathBuf> {
 fn python_cmd(python: &Path) -> Command {
     let mut cmd = Command::new(python);
     cmd.env("PYTHONDONTWRITEBYTECODE", "1")
-        .env_remove("IDGATE_ADMIN_SOCKET")
+        .env_remove("IDGATE_WHOIS_SOCKET")
         .env_remove("IDGATE_SERVICE");
     cmd
 }
@@ -129,7 +131,7 @@ impl Uvicorn {
             .args(["--host", "0.0.0.0", "--port"])
             .arg(port.to_string())
             .env("PYTHONDONTWRITEBYTECODE", "1")
-            .env("IDGATE_ADMIN_SOCKET", socket)
+            .env("IDGATE_WHOIS_SOCKET", socket)
             .env("IDGATE_SERVICE", SERVICE)
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
@@ -247,13 +249,44 @@ fn scenario() -> Result<()> {
         .join("admin.sock");
     let daemon = Daemon::start(&pair.srv, &config(&pair, &idp, &cert, &socket))?;
 
+    // The app asks the read-only whois socket beside the admin socket: open to every local user
+    // (0666 in a 0755 directory), whois and nothing else.
+    let whois = daemon.admin_socket().with_file_name("whois.sock");
+    let mode = |p: &Path| -> Result<u32> { Ok(fs::metadata(p)?.permissions().mode() & 0o777) };
+    ensure!(
+        mode(&whois)? == 0o666,
+        "whois socket mode {:o}",
+        mode(&whois)?
+    );
+    ensure!(mode(daemon.admin_socket())? == 0o660, "admin socket mode");
+    let parent = whois.parent().context("no parent")?;
+    ensure!(
+        mode(parent)? == 0o755,
+        "socket directory mode {:o}",
+        mode(parent)?
+    );
+    for (method, path) in [
+        (Method::DELETE, "/v1/sessions?user=alice"),
+        (Method::GET, "/v1/sessions"),
+        (Method::GET, "/v1/status"),
+        (Method::POST, "/v1/reload"),
+    ] {
+        let (status, body) = admin_request(&whois, method.clone(), path)?;
+        ensure!(
+            status == 403 && body["reason"] == "whois_only",
+            "{method} {path} on the whois socket: {status} {body}"
+        );
+    }
+    let (status, _) = admin_request(&whois, Method::GET, &format!("/v1/whois/{cli}"))?;
+    ensure!(status == 404, "whois before any login: {status}");
+
     let app = SocketAddr::new(srv, PROTECTED);
     let local = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), PROTECTED);
     let mut uvicorn = Uvicorn::start(
         &pair.srv,
         &python,
         PROTECTED,
-        daemon.admin_socket(),
+        &whois,
         ca.dir().join("uvicorn.log"),
     )?;
     uvicorn.wait_ready(&pair.srv, local)?;
@@ -329,4 +362,13 @@ fn scenario() -> Result<()> {
         uvicorn.log()
     );
     Ok(())
+}
+
+/// One request to an agent socket, from this process.
+fn admin_request(socket: &Path, method: Method, path: &str) -> Result<(u16, Value)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(idgate::api::client::request(socket, method, path))
+        .context("request on an agent socket")
 }

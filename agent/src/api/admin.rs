@@ -1,5 +1,6 @@
 //! The admin API: HTTP/1.1 over a unix socket (mode 0660, so root and the socket's group), JSON
-//! answers.
+//! answers. The whois socket (mode 0666, for applications asking who a peer is) serves the same
+//! `GET /v1/whois/{addr}` and nothing else: 403 for everything else.
 //!
 //! - `GET /v1/whois/{addr}`: who is behind an address, with each service's rule and expiry; 404
 //!   if nobody is.
@@ -26,23 +27,47 @@ use tokio::{net::UnixListener, task::JoinSet};
 use super::{ApiError, App, HttpResponse, error, json};
 use crate::session::{Removed, SessionView, rfc3339};
 
-/// Permissions of the socket: owner and group may connect.
+/// Permissions of the admin socket: owner and group may connect.
 pub const SOCKET_MODE: u32 = 0o660;
-/// Permissions of a parent directory the agent creates.
-const DIR_MODE: u32 = 0o750;
+/// Permissions of the whois socket: any local user may ask who is behind an address.
+pub const WHOIS_SOCKET_MODE: u32 = 0o666;
 
-/// The bound admin socket; dropping it removes the socket file.
+/// What a socket serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// The whole admin API (mode 0660).
+    Admin,
+    /// `GET /v1/whois/{addr}` only (mode 0666).
+    Whois,
+}
+
+impl Access {
+    fn socket_mode(self) -> u32 {
+        match self {
+            Access::Admin => SOCKET_MODE,
+            Access::Whois => WHOIS_SOCKET_MODE,
+        }
+    }
+}
+
+/// Permissions of a parent directory the agent creates: traversable by everyone, so that
+/// applications reach the whois socket beside the admin socket (each file in it keeps its own,
+/// stricter mode).
+const DIR_MODE: u32 = 0o755;
+
+/// The bound admin (or whois) socket; dropping it removes the socket file.
 #[derive(Debug)]
 pub struct AdminSocket {
     listener: Option<UnixListener>,
     path: PathBuf,
+    access: Access,
 }
 
 impl AdminSocket {
     /// Creates the parent directory if needed, replaces a stale socket (one nobody listens on),
-    /// binds, and sets mode 0660. Refuses to touch a path that is not a socket, or a socket that
-    /// another process still serves.
-    pub fn bind(path: &Path) -> Result<AdminSocket, ApiError> {
+    /// binds, and sets the mode `access` calls for. Refuses to touch a path that is not a
+    /// socket, or a socket that another process still serves.
+    pub fn bind(path: &Path, access: Access) -> Result<AdminSocket, ApiError> {
         let fail = |reason: String| ApiError::Socket {
             path: path.to_owned(),
             reason,
@@ -72,9 +97,11 @@ impl AdminSocket {
         let socket = AdminSocket {
             listener: Some(listener),
             path: path.to_owned(),
+            access,
         };
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
-            .map_err(|e| fail(format!("setting mode {SOCKET_MODE:o}: {e}")))?;
+        let mode = access.socket_mode();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| fail(format!("setting mode {mode:o}: {e}")))?;
         Ok(socket)
     }
 
@@ -100,11 +127,20 @@ impl AdminSocket {
                 }
             };
             let app = app.clone();
+            let access = self.access;
             connections.spawn(async move {
                 let service = service_fn(move |req| {
                     let app = app.clone();
                     async move {
-                        Ok::<_, Infallible>(if req.uri().path() == RELOAD_PATH {
+                        Ok::<_, Infallible>(if access == Access::Whois && !is_whois(&req) {
+                            error(
+                                StatusCode::FORBIDDEN,
+                                "forbidden",
+                                "whois_only",
+                                "this socket answers GET /v1/whois/{addr} only; the admin \
+                                 socket serves the rest",
+                            )
+                        } else if req.uri().path() == RELOAD_PATH {
                             reload(&app, req.method()).await
                         } else {
                             handle(&app, req)
@@ -212,6 +248,12 @@ pub(crate) async fn reload(app: &App, method: &Method) -> HttpResponse {
     }
 }
 
+fn is_whois<B>(req: &Request<B>) -> bool {
+    req.method() == Method::GET && req.uri().path().starts_with(WHOIS_PREFIX)
+}
+
+const WHOIS_PREFIX: &str = "/v1/whois/";
+
 /// Handles one admin request.
 pub(crate) fn handle<B>(app: &App, req: Request<B>) -> HttpResponse {
     let path = req.uri().path();
@@ -229,8 +271,8 @@ pub(crate) fn handle<B>(app: &App, req: Request<B>) -> HttpResponse {
         }
         (&Method::DELETE, "/v1/sessions") => revoke(app, query),
         (&Method::GET, "/v1/status") => status(app),
-        (&Method::GET, p) if p.starts_with("/v1/whois/") => {
-            let raw = &p["/v1/whois/".len()..];
+        (&Method::GET, p) if p.starts_with(WHOIS_PREFIX) => {
+            let raw = &p[WHOIS_PREFIX.len()..];
             let Some(addr) = percent_decode(raw).and_then(|a| a.parse::<IpAddr>().ok()) else {
                 return error(
                     StatusCode::BAD_REQUEST,

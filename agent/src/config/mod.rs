@@ -39,6 +39,9 @@ pub const DEFAULT_PATH: &str = "/etc/idgate/idgate.toml";
 /// The admin socket's default path.
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/idgate/admin.sock";
 
+/// The whois socket's file name, beside the admin socket unless configured otherwise.
+pub const WHOIS_SOCKET_NAME: &str = "whois.sock";
+
 /// Where the owners of pinned sessions are kept by default (when `pin_dir` pins anything).
 pub const DEFAULT_SESSION_STATE: &str = "/run/idgate/sessions.jsonl";
 
@@ -196,6 +199,18 @@ pub struct DataplaneConfig {
     pub session_state: Option<PathBuf>,
 }
 
+impl AdminConfig {
+    /// The default admin configuration: the admin socket at [`DEFAULT_ADMIN_SOCKET`], the whois
+    /// socket beside it, no metrics.
+    pub fn with_socket(socket: PathBuf) -> AdminConfig {
+        AdminConfig {
+            whois_socket: Some(socket.with_file_name(WHOIS_SOCKET_NAME)),
+            socket,
+            metrics: None,
+        }
+    }
+}
+
 impl DataplaneConfig {
     /// The data plane's load-time settings.
     pub fn load_options(&self) -> LoadOptions {
@@ -304,6 +319,9 @@ pub struct SessionEndpointConfig {
 pub struct AdminConfig {
     /// The admin socket's path.
     pub socket: PathBuf,
+    /// The read-only whois socket for applications (`whois_socket`, default `whois.sock` beside
+    /// the admin socket; `""`: none).
+    pub whois_socket: Option<PathBuf>,
     /// Metrics listen address (loopback only); `None` disables metrics.
     pub metrics: Option<SocketAddr>,
 }

@@ -56,10 +56,9 @@ pub(super) fn parse(src: &str) -> Result<(Config, Vec<Diagnostic>), ConfigErrors
         .and_then(|v| v.table(&mut d))
         .and_then(|t| read_session_endpoint(t, &mut d));
     let admin = match root.get("admin") {
-        None => Some(AdminConfig {
-            socket: PathBuf::from(DEFAULT_ADMIN_SOCKET),
-            metrics: None,
-        }),
+        None => Some(AdminConfig::with_socket(PathBuf::from(
+            DEFAULT_ADMIN_SOCKET,
+        ))),
         Some(v) => v.table(&mut d).and_then(|t| read_admin(t, &mut d)),
     };
     let audit = match root.get("audit") {
@@ -822,6 +821,27 @@ fn read_admin(mut t: Table<'_, '_>, d: &mut Diags<'_>) -> Option<AdminConfig> {
     let socket = or_default(t.get("socket"), PathBuf::from(DEFAULT_ADMIN_SOCKET), |v| {
         absolute_path(&v, d)
     });
+    let whois_value = t.get("whois_socket");
+    let whois_socket = match &whois_value {
+        None => socket
+            .as_ref()
+            .map(|s| AdminConfig::with_socket(s.clone()).whois_socket),
+        Some(v) => match v.str(d) {
+            Some("") => Some(None),
+            Some(_) => absolute_path(v, d).map(Some),
+            None => None,
+        },
+    };
+    if let (Some(s), Some(Some(w))) = (&socket, &whois_socket)
+        && s == w
+    {
+        let msg = "the whois socket (which answers whois only, to any local user) must not be \
+                   the admin socket";
+        match &whois_value {
+            Some(v) => v.error(d, msg),
+            None => d.error("admin.whois_socket", None, msg),
+        }
+    }
     let metrics = match t.get("metrics") {
         None => Some(None),
         Some(v) => v
@@ -838,6 +858,7 @@ fn read_admin(mut t: Table<'_, '_>, d: &mut Diags<'_>) -> Option<AdminConfig> {
     t.finish(d);
     Some(AdminConfig {
         socket: socket?,
+        whois_socket: whois_socket?,
         metrics: metrics?,
     })
 }

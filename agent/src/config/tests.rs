@@ -154,6 +154,10 @@ fn defaults_fill_what_is_left_out() {
         (10, 20)
     );
     assert_eq!(c.admin.socket, PathBuf::from("/run/idgate/admin.sock"));
+    assert_eq!(
+        c.admin.whois_socket,
+        Some(PathBuf::from("/run/idgate/whois.sock"))
+    );
     assert_eq!(c.admin.metrics, None);
     let r = &c.policy.rules[0];
     assert!(r.enabled && r.log);
@@ -170,6 +174,26 @@ fn defaults_fill_what_is_left_out() {
     assert_eq!(c.policy.rules[0].sources, vec![SourceMatcher::Any]);
     assert_eq!(c.policy.rules[0].services, ServiceSelector::Any);
     assert!(c.policy.rules[0].is_static());
+}
+
+#[test]
+fn the_whois_socket_sits_beside_the_admin_socket_unless_set() {
+    let with = |admin: &str| format!("{BASE}{ALLOW_ALL_USERS}\n[admin]\n{admin}\n");
+    let moved = ok(&with("socket = \"/run/x/admin.sock\"")).0;
+    assert_eq!(
+        moved.admin.whois_socket,
+        Some(PathBuf::from("/run/x/whois.sock"))
+    );
+    let off = ok(&with("whois_socket = \"\"")).0;
+    assert_eq!(off.admin.whois_socket, None);
+    let same = with("socket = \"/run/x/a.sock\"\nwhois_socket = \"/run/x/a.sock\"");
+    assert_has(
+        &errors(&same),
+        "admin.whois_socket",
+        "must not be the admin socket",
+    );
+    let relative = with("whois_socket = \"whois.sock\"");
+    assert_has(&errors(&relative), "admin.whois_socket", "absolute path");
 }
 
 #[test]

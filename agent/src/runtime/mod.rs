@@ -25,7 +25,11 @@ use thiserror::Error;
 use tokio::{task::JoinSet, time::MissedTickBehavior};
 
 use crate::{
-    api::{ApiError, App, Limits, admin::AdminSocket, endpoint::SessionEndpoint},
+    api::{
+        ApiError, App, Limits,
+        admin::{Access, AdminSocket},
+        endpoint::SessionEndpoint,
+    },
     config::Config,
     dataplane::{AsyncEventReader, Dataplane, DataplaneError, DataplaneEvent, EventKind},
     exit,
@@ -144,7 +148,11 @@ pub async fn run_from(
     // What the configuration can get wrong, before the kernel is touched.
     let verifier = Verifier::new(wiring::all_issuer_settings(&config.issuers)?)?;
     let endpoint = SessionEndpoint::bind(&config.session_endpoint).await?;
-    let admin = AdminSocket::bind(&config.admin.socket)?;
+    let admin = AdminSocket::bind(&config.admin.socket, Access::Admin)?;
+    let whois = match &config.admin.whois_socket {
+        Some(path) => Some(AdminSocket::bind(path, Access::Whois)?),
+        None => None,
+    };
     let metrics_server = match config.admin.metrics {
         Some(addr) => Some(MetricsServer::bind(addr).await?),
         None => None,
@@ -277,6 +285,7 @@ pub async fn run_from(
     let admin_path = admin.path().to_owned();
     let endpoint_id = tasks.spawn(endpoint.serve(app.clone())).id();
     let admin_id = tasks.spawn(admin.serve(app.clone())).id();
+    let whois_id = whois.map(|w| tasks.spawn(w.serve(app.clone())).id());
     // The data plane is attached and every listener is bound and served from here on.
     app.metrics.set_ready(true);
     tracing::info!(
@@ -321,6 +330,8 @@ pub async fn run_from(
                     "the session endpoint"
                 } else if id == admin_id {
                     "the admin socket"
+                } else if Some(id) == whois_id {
+                    "the whois socket"
                 } else if Some(id) == metrics_id {
                     "the metrics endpoint"
                 } else {

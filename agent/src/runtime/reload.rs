@@ -236,6 +236,10 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
         "session_endpoint.failed_attempts_per_minute/failed_attempts_burst",
     );
     check(old.admin.socket != new.admin.socket, "admin.socket");
+    check(
+        old.admin.whois_socket != new.admin.whois_socket,
+        "admin.whois_socket",
+    );
     check(old.admin.metrics != new.admin.metrics, "admin.metrics");
     check(old.audit != new.audit, "audit");
     check(old.userid != new.userid, "userid");

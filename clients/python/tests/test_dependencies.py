@@ -133,7 +133,7 @@ def test_the_service_comes_from_the_environment(
     agent: StubAgent, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("IDGATE_SERVICE", "db")
-    monkeypatch.setenv("IDGATE_ADMIN_SOCKET", str(agent.path))
+    monkeypatch.setenv("IDGATE_WHOIS_SOCKET", str(agent.path))
     agent.sessions[PEER] = whois_answer(PEER)
     assert client_for(Idgate()).get("/me").status_code == 403
 
@@ -151,7 +151,7 @@ def test_the_module_level_dependencies_read_the_environment(
     import idgate_fastapi
     import idgate_fastapi.dependencies as deps
 
-    monkeypatch.setenv("IDGATE_ADMIN_SOCKET", str(agent.path))
+    monkeypatch.setenv("IDGATE_WHOIS_SOCKET", str(agent.path))
     monkeypatch.delenv("IDGATE_SERVICE", raising=False)
     monkeypatch.setattr(deps, "_default", None)
     agent.sessions[PEER] = whois_answer(PEER, groups=("web",))

@@ -157,9 +157,9 @@ def test_bad_settings_are_refused() -> None:
 
 
 def test_the_default_socket_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("IDGATE_ADMIN_SOCKET", raising=False)
-    assert WhoisClient().socket_path == "/run/idgate/admin.sock"
-    monkeypatch.setenv("IDGATE_ADMIN_SOCKET", "/tmp/elsewhere.sock")
+    monkeypatch.delenv("IDGATE_WHOIS_SOCKET", raising=False)
+    assert WhoisClient().socket_path == "/run/idgate/whois.sock"
+    monkeypatch.setenv("IDGATE_WHOIS_SOCKET", "/tmp/elsewhere.sock")
     assert WhoisClient().socket_path == "/tmp/elsewhere.sock"
     assert WhoisClient("/given.sock").socket_path == "/given.sock"
 

@@ -13,8 +13,8 @@
     async def ops() -> dict[str, str]:
         return {"status": "ok"}
 
-The agent is asked over its admin socket (``$IDGATE_ADMIN_SOCKET``, default
-``/run/idgate/admin.sock``); :class:`Idgate` takes explicit settings instead.
+The agent is asked over its read-only whois socket (``$IDGATE_WHOIS_SOCKET``, default
+``/run/idgate/whois.sock``); :class:`Idgate` takes explicit settings instead.
 """
 
 from .dependencies import Idgate, default_idgate, identity, require_groups

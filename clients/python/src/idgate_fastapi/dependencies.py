@@ -68,8 +68,8 @@ class Idgate:
     ) -> None:
         """Settings not given come from the environment.
 
-        ``socket_path``: the agent's admin socket (``$IDGATE_ADMIN_SOCKET``, else
-        ``/run/idgate/admin.sock``). ``service``: the idgate service this app is
+        ``socket_path``: the agent's whois socket (``$IDGATE_WHOIS_SOCKET``, else
+        ``/run/idgate/whois.sock``). ``service``: the idgate service this app is
         (``$IDGATE_SERVICE``; ``""``: none); when set, a peer must hold a grant for it, and the identity's
         rule and expiry are that grant's. ``ttl``/``negative_ttl``: how long an identity, and an
         answer of "nobody", are cached (seconds). ``timeout``: for one question to the agent.
@@ -172,7 +172,7 @@ _default: Idgate | None = None
 
 def default_idgate() -> Idgate:
     """The shared :class:`Idgate` of :func:`identity` and :func:`require_groups`, made at first
-    use from the environment (``IDGATE_ADMIN_SOCKET``, ``IDGATE_SERVICE``)."""
+    use from the environment (``IDGATE_WHOIS_SOCKET``, ``IDGATE_SERVICE``)."""
     global _default
     if _default is None:
         _default = Idgate()

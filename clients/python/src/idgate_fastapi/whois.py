@@ -1,6 +1,6 @@
 """Asking the local idgate agent who is behind an address.
 
-The agent answers ``GET /v1/whois/{addr}`` on its admin socket (HTTP/1.1 over a unix socket):
+The agent answers ``GET /v1/whois/{addr}`` on its whois socket (HTTP/1.1 over a unix socket):
 200 with the identity and its per-service grants, or 404 when nobody is logged in from there.
 :class:`WhoisClient` asks it, blocking or async, and :class:`WhoisCache` keeps answers for a
 short time so that a busy route does not ask once per request.
@@ -23,10 +23,11 @@ from urllib.parse import quote
 
 import anyio
 
-#: Where the agent's admin socket is unless configured otherwise.
-DEFAULT_SOCKET = "/run/idgate/admin.sock"
-#: Environment variable naming the admin socket.
-SOCKET_ENV = "IDGATE_ADMIN_SOCKET"
+#: Where the agent's whois socket is unless configured otherwise (read-only: whois and nothing
+#: else, open to every local user; the admin socket also works, for root and its group).
+DEFAULT_SOCKET = "/run/idgate/whois.sock"
+#: Environment variable naming the socket.
+SOCKET_ENV = "IDGATE_WHOIS_SOCKET"
 
 #: The largest answer accepted from the agent (a whois answer is well under a kilobyte).
 MAX_ANSWER = 1 << 20
@@ -232,7 +233,7 @@ class _UnixConnection(http.client.HTTPConnection):
 
 
 class WhoisClient:
-    """Asks the agent's admin socket ``GET /v1/whois/{addr}``; no caching (see :class:`WhoisCache`).
+    """Asks the agent's whois socket ``GET /v1/whois/{addr}``; no caching (see :class:`WhoisCache`).
 
     Both :meth:`whois` (blocking) and :meth:`awhois` (async, through anyio, so it runs under
     asyncio and trio without blocking the event loop) return the identity or ``None`` when
@@ -241,7 +242,7 @@ class WhoisClient:
     """
 
     def __init__(self, socket_path: str | None = None, timeout: float = 1.0) -> None:
-        """``socket_path`` defaults to ``$IDGATE_ADMIN_SOCKET``, then ``/run/idgate/admin.sock``."""
+        """``socket_path`` defaults to ``$IDGATE_WHOIS_SOCKET``, then ``/run/idgate/whois.sock``."""
         self.socket_path = socket_path or os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, not {timeout}")
@@ -305,7 +306,8 @@ class WhoisClient:
             return AgentUnavailable(
                 path,
                 "permission denied",
-                "the admin socket is mode 0660: run the app as root or in the socket's group",
+                "use the whois socket (/run/idgate/whois.sock, open to every local user); the "
+                "admin socket is for root and its group only",
             )
         if isinstance(e, TimeoutError):
             return AgentUnavailable(path, f"no answer within {self.timeout:g} s")
