@@ -7,8 +7,15 @@
 #![deny(unsafe_code)]
 
 /// Version of the map layout below. Bump it on any change to a map's key, value or type; the agent
-/// refuses to reuse maps pinned by a different layout (see the agent's `dataplane` module).
-pub const MAP_LAYOUT_VERSION: u32 = 1;
+/// migrates what it knows how to (see the agent's `dataplane::pin`) and refuses any other layout.
+///
+/// - 1: the first layout.
+/// - 2: [`SessionValue`] gained `last_seen_ns` and `idle_ns` (idle timeouts); 16 → 32 bytes. The
+///   agent migrates a version-1 sessions map in place, keeping every session.
+pub const MAP_LAYOUT_VERSION: u32 = 2;
+
+/// Size of a version-1 [`SessionValue`] (`expires_ns`, `identity_id`, `rule_id`).
+pub const SESSION_VALUE_V1_SIZE: usize = 16;
 
 /// Map names, as they appear in the eBPF object.
 pub mod maps {
@@ -113,6 +120,10 @@ pub struct SessionKey {
     pub service_id: u32,
 }
 
+/// How stale [`SessionValue::last_seen_ns`] may get before a packet refreshes it: one write per
+/// session per second at most, so the entry's cache line stays shared between CPUs.
+pub const ACTIVITY_GRANULARITY_NS: u64 = 1_000_000_000;
+
 /// Value of the sessions map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -120,6 +131,12 @@ pub struct SessionValue {
     /// Expiry on the kernel's coarse monotonic clock (`CLOCK_MONOTONIC_COARSE`, which the
     /// programs read with `bpf_ktime_get_coarse_ns`).
     pub expires_ns: u64,
+    /// The last packet the session let through, same clock; the programs refresh it at most
+    /// once per [`ACTIVITY_GRANULARITY_NS`], the agent sets it when it writes the entry.
+    pub last_seen_ns: u64,
+    /// Idle timeout: the session lets nothing through once `last_seen_ns + idle_ns` has passed.
+    /// 0: none.
+    pub idle_ns: u64,
     /// The identity (user) the agent verified; reported in events.
     pub identity_id: u32,
     /// The policy rule that allowed the session; reported in events.
@@ -416,7 +433,7 @@ mod tests {
     fn layouts_have_no_padding() {
         assert_eq!(size_of::<ServiceValue>(), 12);
         assert_eq!(size_of::<SessionKey>(), 20);
-        assert_eq!(size_of::<SessionValue>(), 16);
+        assert_eq!(size_of::<SessionValue>(), 32);
         assert_eq!(size_of::<CidrData>(), 21);
         assert_eq!(size_of::<CidrValue>(), 4);
         assert_eq!(size_of::<Counter>(), 16);

@@ -1,16 +1,18 @@
 //! The one verdict routine, shared by the XDP and TC programs.
 //!
 //! Order, for a packet to a protected (protocol, port): CIDR deny → drop; CIDR allow → pass;
-//! valid, unexpired session → pass; otherwise the service's default action. Traffic to any other
+//! valid session, neither expired nor idle past its idle timeout → pass (refreshing its last
+//! activity at most once a second); otherwise the service's default action. Traffic to any other
 //! port passes untouched and uncounted. Whatever cannot be parsed far enough to rule out a
 //! protected port is dropped (fail closed).
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use idgate_common::{
-    ACTION_DROP, ACTION_PASS, ACTION_RESET, CIDR_SERVICE_BITS, COUNTER_SLOT_RST_SENT, CidrData,
-    DefaultAction, EVENT_DENIED, EVENT_NEW_CONNECTION, Event, FragKey, FragValue, GlobalConfig,
-    MAX_EVENT_BURST, MAX_EVENTS_PER_SEC, Reason, SERVICE_HAS_ALLOW, SERVICE_HAS_DENY, ServiceValue,
-    SessionKey, TOKEN_SCALE, counter_index, port_index, protects_bit,
+    ACTION_DROP, ACTION_PASS, ACTION_RESET, ACTIVITY_GRANULARITY_NS, CIDR_SERVICE_BITS,
+    COUNTER_SLOT_RST_SENT, CidrData, DefaultAction, EVENT_DENIED, EVENT_NEW_CONNECTION, Event,
+    FragKey, FragValue, GlobalConfig, MAX_EVENT_BURST, MAX_EVENTS_PER_SEC, Reason,
+    SERVICE_HAS_ALLOW, SERVICE_HAS_DENY, ServiceValue, SessionKey, TOKEN_SCALE, counter_index,
+    port_index, protects_bit,
 };
 
 use aya_ebpf::maps::lpm_trie::Key;
@@ -198,11 +200,20 @@ fn judge_service(flow: &Flow, meta: &Meta) -> Verdict {
         addr: addr_bytes(flow.src),
         service_id: id,
     };
-    let (reason, identity, rule) = match SESSIONS.get_ptr(session_key) {
-        Some(s) => {
-            // SAFETY: a value pointer from a successful lookup.
-            let s = unsafe { *s };
-            if now_ns() < s.expires_ns {
+    let (reason, identity, rule) = match SESSIONS.get_ptr_mut(session_key) {
+        Some(p) => {
+            // SAFETY: a value pointer from a successful lookup, valid for this program run.
+            let s = unsafe { *p };
+            let now = now_ns();
+            let idle_for = now.saturating_sub(s.last_seen_ns);
+            // Past its expiry, or idle too long: the session's time is up either way (the agent
+            // tells the two apart in its audit record).
+            if now < s.expires_ns && (s.idle_ns == 0 || idle_for < s.idle_ns) {
+                if idle_for >= ACTIVITY_GRANULARITY_NS {
+                    // SAFETY: as above; an aligned 8-byte store, which another CPU doing the same
+                    // can only overwrite with an equally fresh time.
+                    unsafe { (*p).last_seen_ns = now };
+                }
                 return allow(
                     Reason::AllowSession,
                     id,

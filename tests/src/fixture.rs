@@ -142,6 +142,7 @@ pub fn session(source: IpAddr, service: u32, identity_id: u32, rule_id: u32) -> 
         expires: Expiry::after(Duration::from_secs(3600)),
         identity_id,
         rule_id,
+        idle: None,
     }
 }
 

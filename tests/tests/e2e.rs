@@ -391,6 +391,7 @@ impl Env {
             expires,
             identity_id: 4242,
             rule_id: 77,
+            idle: None,
         }
     }
 
@@ -688,6 +689,46 @@ fn bulk_uploads_through_a_session_arrive_whole() {
         assert_eq!(answer.trim(), BYTES.to_string());
         let c = env.counters(1);
         assert!(c.get(Reason::Malformed).packets == 0, "{c:?}");
+    });
+}
+
+/// A session with an idle timeout stays open while it carries traffic, and closes in the kernel
+/// once it has carried none for that long, well before its expiry.
+#[test]
+fn idle_sessions_close_in_the_kernel() {
+    for_each_case(|case| {
+        let mut env = Env::new(case, &[tcp_service(1, PROTECTED, ServiceAction::Drop)]);
+        let idle = Duration::from_millis(1800);
+        let mut session = env.session(env.cli_ip(), 1, Expiry::after(Duration::from_secs(60)));
+        session.idle = Some(idle);
+        env.dp()
+            .upsert_session(&session)
+            .expect("upserting the session");
+        // Traffic every 300 ms for three times the timeout: never idle long enough to close.
+        let start = Instant::now();
+        while start.elapsed() < 3 * idle {
+            env.assert_open(PROTECTED, "while it carries traffic");
+            thread::sleep(Duration::from_millis(300));
+        }
+        let listed = env.dp().sessions().expect("listing sessions");
+        assert_eq!(listed, vec![session], "the kernel entry keeps its timeout");
+        // Quiet for longer than the timeout: closed, though not expired.
+        thread::sleep(idle + Duration::from_millis(500));
+        env.assert_dropped(PROTECTED, "after idling past the timeout");
+        let seen = env
+            .dp()
+            .last_seen(&[(session.source, session.service)])
+            .expect("reading the activity")[0]
+            .expect("the entry is still there");
+        let quiet = Expiry::after(Duration::ZERO).as_ns() - seen.as_ns();
+        assert!(
+            quiet >= idle.as_nanos() as u64 && session.expires.remaining() > Duration::ZERO,
+            "the entry is idle ({quiet} ns without traffic), not expired"
+        );
+        let c = env.wait_counters(1, "the idle session's drop to be counted", |c| {
+            c.get(Reason::Expired).packets >= 1
+        });
+        assert!(c.get(Reason::AllowSession).packets >= 3, "{c:?}");
     });
 }
 

@@ -240,6 +240,7 @@ fn restart_keeps_enforcement(mode: AttachMode, expected: Attached) {
         expires: Expiry::after(Duration::from_secs(600)),
         identity_id: 7,
         rule_id: 9,
+        idle: None,
     };
     dp.upsert_session(&session).expect("a session");
     assert!(
@@ -376,5 +377,100 @@ fn wrong_map_shape_is_refused() {
         "idgate cleanup",
     ] {
         assert!(msg.contains(want), "{msg:?} lacks {want:?}");
+    }
+}
+
+/// Replaces the pinned sessions map in `pins` by a version-1 one (16-byte values: expiry,
+/// identity id, rule id) holding `entries`, pinned at `at`, and marks the layout as version 1.
+fn fake_v1_sessions(pins: &PinDir, at: &Path, entries: &[Session]) {
+    use aya::maps::HashMap;
+    const KEY: usize = std::mem::size_of::<idgate_common::SessionKey>();
+    let mut v1: HashMap<MapData, [u8; KEY], [u8; idgate_common::SESSION_VALUE_V1_SIZE]> =
+        HashMap::create(1024, 0).expect("creating a version-1 sessions map");
+    for s in entries {
+        let mut key = [0u8; KEY];
+        key[..16].copy_from_slice(&dataplane::addr_to_kernel(s.source));
+        key[16..].copy_from_slice(&s.service.get().to_ne_bytes());
+        let mut value = [0u8; idgate_common::SESSION_VALUE_V1_SIZE];
+        value[..8].copy_from_slice(&s.expires.as_ns().to_ne_bytes());
+        value[8..12].copy_from_slice(&s.identity_id.to_ne_bytes());
+        value[12..].copy_from_slice(&s.rule_id.to_ne_bytes());
+        v1.insert(key, value, 0).expect("a version-1 entry");
+    }
+    let sessions = pins.0.join(idgate_common::maps::SESSIONS);
+    if at == sessions {
+        std::fs::remove_file(&sessions).expect("unpinning the sessions map");
+    }
+    v1.pin(at).expect("pinning the version-1 map");
+    let data = MapData::from_pin(pins.0.join(idgate_common::maps::CONFIG)).expect("pinned config");
+    let mut config: Array<MapData, idgate_common::GlobalConfig> =
+        Array::try_from(Map::Array(data)).expect("typed config");
+    let mut cfg = config.get(&0, 0).expect("reading config");
+    cfg.layout_version = 1;
+    config.set(0, cfg, 0).expect("writing config");
+}
+
+fn layout_version(pins: &PinDir) -> u32 {
+    let data = MapData::from_pin(pins.0.join(idgate_common::maps::CONFIG)).expect("pinned config");
+    let config: Array<MapData, idgate_common::GlobalConfig> =
+        Array::try_from(Map::Array(data)).expect("typed config");
+    config.get(&0, 0).expect("reading config").layout_version
+}
+
+/// Pins of map layout version 1 (session values without the idle-timeout fields) are migrated
+/// in place: every session is kept, with its expiry, identity and rule, and opens its port; the
+/// temporary `@v1` pin is gone and the layout says 2. An interrupted migration (the `@v1` pin
+/// left beside a new sessions map) resumes.
+#[test]
+fn version_1_sessions_are_migrated() {
+    require_root();
+    let net = Pair::new().expect("creating the namespaces");
+    let _servers = Servers::start(&net.srv, &[PROTECTED, NO_SESSION]);
+    let session = Session {
+        source: Pair::cli_addr(false),
+        service: ServiceId::new(1).expect("id"),
+        expires: Expiry::after(Duration::from_secs(600)),
+        identity_id: 7,
+        rule_id: 9,
+        idle: None,
+    };
+    let other = Session {
+        source: "2001:db8::77".parse().expect("address"),
+        service: ServiceId::new(2).expect("id"),
+        identity_id: 8,
+        rule_id: 3,
+        ..session
+    };
+    let v1_pin = |pins: &PinDir| pins.0.join(format!("{}@v1", idgate_common::maps::SESSIONS));
+    for interrupted in [false, true] {
+        let pins = PinDir::new();
+        let mut dp = Dataplane::load(pins.options()).expect("loading, pinned");
+        dp.set_services(&services()).expect("services");
+        drop(dp);
+        let at = if interrupted {
+            v1_pin(&pins)
+        } else {
+            pins.0.join(idgate_common::maps::SESSIONS)
+        };
+        fake_v1_sessions(&pins, &at, &[session, other]);
+
+        let mut dp = Dataplane::load(pins.options())
+            .unwrap_or_else(|e| panic!("migrating (interrupted: {interrupted}): {e}"));
+        let mut got = dp.sessions().expect("listing sessions");
+        got.sort_by_key(|s| s.source);
+        assert_eq!(got, [session, other], "interrupted: {interrupted}");
+        assert!(!v1_pin(&pins).exists(), "the @v1 pin is left");
+        assert_eq!(layout_version(&pins), idgate_common::MAP_LAYOUT_VERSION);
+        let attached = net
+            .srv
+            .run_in(|| dp.attach(&net.srv_if, AttachMode::XdpNative))
+            .expect("attaching");
+        assert_eq!(attached, Attached::XdpNative);
+        assert!(
+            is_open(&net, PROTECTED, GENEROUS),
+            "the migrated session opens its port"
+        );
+        assert!(!is_open(&net, NO_SESSION, BLOCKED_WAIT), "and nothing else");
+        drop(dp);
     }
 }

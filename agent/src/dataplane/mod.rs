@@ -24,7 +24,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, IterableMap, MapData, MapError, PerCpuArray, RingBuf,
+        Array, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, RingBuf,
         lpm_trie::{Key, LpmTrie},
     },
     programs::{
@@ -260,10 +260,22 @@ impl Dataplane {
         }
         let mut options = options;
         let mut reused = false;
+        let mut sessions_v1 = None;
         if let Some(dir) = &options.pin_dir {
             pin::prepare_dir(dir)?;
             let pinned = pin::check_layout(dir)?;
             reused = pinned.reused;
+            if let Some(old) = pinned.sessions_v1 {
+                // Out of the way of the new sessions map; the attached programs keep using it.
+                let moved = pin::sessions_v1_path(dir);
+                if old != moved {
+                    std::fs::rename(&old, &moved).map_err(|source| DataplaneError::Io {
+                        op: format!("renaming {} to {}", old.display(), moved.display()),
+                        source,
+                    })?;
+                }
+                sessions_v1 = Some(moved);
+            }
             if let Some(n) = pinned.max_sessions
                 && n != options.max_sessions
             {
@@ -322,6 +334,14 @@ impl Dataplane {
         };
         if reused {
             dp.recover()?;
+        }
+        if let Some(old) = sessions_v1 {
+            let migrated = dp.migrate_sessions_v1(&old)?;
+            pin::remove_pin(&old)?;
+            tracing::info!(
+                sessions = migrated,
+                "migrated the pinned sessions from map layout version 1"
+            );
         }
         dp.write_config()?;
         Ok(dp)
@@ -866,6 +886,82 @@ impl Dataplane {
             }
         }
         Ok(out)
+    }
+
+    /// Copies every session of the version-1 sessions map pinned at `old` into this data plane's
+    /// sessions map (no idle timeout; written now, which counts as activity). Returns how many.
+    fn migrate_sessions_v1(&mut self, old: &std::path::Path) -> Result<usize, DataplaneError> {
+        const KEY: usize = std::mem::size_of::<common::SessionKey>();
+        let data = MapData::from_pin(old).map_err(map_err(
+            "opening the version-1 sessions map",
+            common::maps::SESSIONS,
+        ))?;
+        let map: HashMap<MapData, [u8; KEY], [u8; common::SESSION_VALUE_V1_SIZE]> =
+            HashMap::try_from(Map::HashMap(data)).map_err(map_err(
+                "opening the version-1 sessions map",
+                common::maps::SESSIONS,
+            ))?;
+        let mut sessions = Vec::new();
+        for entry in map.iter() {
+            let (k, v) = entry.map_err(map_err(
+                "reading the version-1 sessions map",
+                common::maps::SESSIONS,
+            ))?;
+            let word = |b: &[u8]| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+            let mut addr = [0u8; 16];
+            addr.copy_from_slice(&k[..16]);
+            let Ok(service) = ServiceId::new(word(&k[16..20])) else {
+                continue;
+            };
+            let mut expires = [0u8; 8];
+            expires.copy_from_slice(&v[..8]);
+            sessions.push(Session {
+                source: types::addr_from_kernel(addr),
+                service,
+                expires: Expiry::from_ns(u64::from_ne_bytes(expires)),
+                identity_id: word(&v[8..12]),
+                rule_id: word(&v[12..16]),
+                idle: None,
+            });
+        }
+        if sessions.is_empty() {
+            return Ok(0);
+        }
+        // Written as they were, whatever services the recovered maps name: the next start-up step
+        // (adoption and the new policy) decides what stays.
+        let keys: Vec<_> = sessions.iter().map(Session::key).collect();
+        let values: Vec<_> = sessions.iter().map(Session::value).collect();
+        let fd = self.sessions_map.map().fd().as_fd();
+        sys::map_update_batch(fd, &keys, &values).map_err(|(written, source)| {
+            DataplaneError::Batch {
+                op: "migrating sessions",
+                map: common::maps::SESSIONS,
+                written,
+                total: keys.len(),
+                source,
+            }
+        })?;
+        Ok(sessions.len())
+    }
+
+    /// When each of `keys` last let a packet through (or was written), on the kernel's clock;
+    /// `None` for a session the map does not hold. For idle timeouts.
+    pub fn last_seen(
+        &self,
+        keys: &[(IpAddr, ServiceId)],
+    ) -> Result<Vec<Option<Expiry>>, DataplaneError> {
+        keys.iter()
+            .map(
+                |(a, s)| match self.sessions_map.get(&types::session_key(*a, *s), 0) {
+                    Ok(v) => Ok(Some(Expiry::from_ns(v.last_seen_ns))),
+                    Err(e) if is_not_found(&e) => Ok(None),
+                    Err(e) => Err(map_err(
+                        "reading a session's activity",
+                        common::maps::SESSIONS,
+                    )(e)),
+                },
+            )
+            .collect()
     }
 
     /// Removes sessions whose expiry has passed; returns them (for auditing).

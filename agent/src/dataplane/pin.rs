@@ -9,8 +9,13 @@
 //!   the interface name become colons: bpffs refuses names with a dot).
 //!
 //! Pinned maps are only reused when their layout matches this build: the CONFIG map's
-//! `layout_version`, and every map's type, key and value sizes. Anything else is refused, naming
-//! `idgate cleanup`; nothing pinned is ever dropped silently.
+//! `layout_version`, and every map's type, key and value sizes. The one older layout this build
+//! migrates is version 1, whose session values lacked the idle-timeout fields: the version-1
+//! sessions map is renamed `IDGATE_SESSIONS@v1`, a new one is created and pinned, every session is
+//! copied over, and the old pin is removed (an interrupted migration resumes from `@v1` at the
+//! next start). The programs attached meanwhile keep using the old map until the new ones replace
+//! them, so enforcement never stops. Anything else is refused, naming `idgate cleanup`; nothing
+//! pinned is ever dropped silently.
 
 use std::{
     fs, io,
@@ -156,6 +161,14 @@ pub(super) struct Pinned {
     pub reused: bool,
     /// Capacity of the pinned sessions map, if there is one.
     pub max_sessions: Option<u32>,
+    /// A version-1 sessions map to migrate (pinned under its own name or, after an interrupted
+    /// migration, as `IDGATE_SESSIONS@v1`).
+    pub sessions_v1: Option<PathBuf>,
+}
+
+/// Where a version-1 sessions map is kept while it is migrated.
+pub(super) fn sessions_v1_path(dir: &Path) -> PathBuf {
+    dir.join(format!("{}@v1", common::maps::SESSIONS))
 }
 
 fn refuse(dir: &Path, what: String) -> DataplaneError {
@@ -173,7 +186,26 @@ pub(super) fn check_layout(dir: &Path) -> Result<Pinned, DataplaneError> {
     let mut pinned = Pinned {
         reused: false,
         max_sessions: None,
+        sessions_v1: None,
     };
+    let v1 = sessions_v1_path(dir);
+    if v1.exists() {
+        // An interrupted migration: the old map is still there under its temporary name.
+        let info = MapInfo::from_pin(&v1).map_err(|e| DataplaneError::Map {
+            op: "opening the pinned map",
+            map: common::maps::SESSIONS,
+            source: e,
+        })?;
+        if info.value_size() as usize != common::SESSION_VALUE_V1_SIZE {
+            return Err(refuse(
+                dir,
+                format!("{} does not hold version-1 sessions", v1.display()),
+            ));
+        }
+        pinned.reused = true;
+        pinned.max_sessions = Some(info.max_entries());
+        pinned.sessions_v1 = Some(v1);
+    }
     for m in &MAPS {
         let path = dir.join(m.name);
         if !path.exists() {
@@ -187,6 +219,16 @@ pub(super) fn check_layout(dir: &Path) -> Result<Pinned, DataplaneError> {
         })?;
         let map_type = info.map_type().ok();
         let (key, value) = (info.key_size() as usize, info.value_size() as usize);
+        if m.name == common::maps::SESSIONS
+            && map_type == Some(m.map_type)
+            && key == m.key_size
+            && value == common::SESSION_VALUE_V1_SIZE
+            && pinned.sessions_v1.is_none()
+        {
+            pinned.max_sessions = Some(info.max_entries());
+            pinned.sessions_v1 = Some(path);
+            continue;
+        }
         if map_type != Some(m.map_type) || key != m.key_size || value != m.value_size {
             return Err(refuse(
                 dir,
@@ -228,7 +270,8 @@ pub(super) fn check_layout(dir: &Path) -> Result<Pinned, DataplaneError> {
             map: common::maps::CONFIG,
             source: e,
         })?;
-        if cfg.layout_version != common::MAP_LAYOUT_VERSION {
+        let migrating = cfg.layout_version == 1 && pinned.sessions_v1.is_some();
+        if cfg.layout_version != common::MAP_LAYOUT_VERSION && !migrating {
             return Err(refuse(
                 dir,
                 format!(
@@ -237,6 +280,10 @@ pub(super) fn check_layout(dir: &Path) -> Result<Pinned, DataplaneError> {
                     common::MAP_LAYOUT_VERSION
                 ),
             ));
+        }
+        if cfg.layout_version == common::MAP_LAYOUT_VERSION && pinned.sessions_v1.is_some() {
+            // Only an interrupted migration leaves `@v1` beside a current layout.
+            tracing::info!("resuming an interrupted migration of the version-1 sessions map");
         }
     }
     Ok(pinned)

@@ -185,6 +185,9 @@ pub struct Session {
     pub identity_id: u32,
     /// The policy rule that allowed it, reported in events.
     pub rule_id: u32,
+    /// Idle timeout: the kernel lets nothing through once the session has carried no packet for
+    /// this long (`None`: no idle timeout). Writing the entry counts as activity.
+    pub idle: Option<Duration>,
 }
 
 impl Session {
@@ -195,6 +198,8 @@ impl Session {
     pub(super) fn value(&self) -> common::SessionValue {
         common::SessionValue {
             expires_ns: self.expires.as_ns(),
+            last_seen_ns: duration_ns(sys::monotonic_now()),
+            idle_ns: self.idle.map_or(0, |d| duration_ns(d).max(1)),
             identity_id: self.identity_id,
             rule_id: self.rule_id,
         }
@@ -210,6 +215,7 @@ impl Session {
             expires: Expiry::from_ns(value.expires_ns),
             identity_id: value.identity_id,
             rule_id: value.rule_id,
+            idle: (value.idle_ns != 0).then(|| Duration::from_nanos(value.idle_ns)),
         })
     }
 }

@@ -25,7 +25,7 @@ use super::{
 };
 use crate::{
     dataplane::{
-        Attached, CidrRule, Dataplane, DataplaneError, EventStats, Protocol, Service,
+        Attached, CidrRule, Dataplane, DataplaneError, EventStats, Expiry, Protocol, Service,
         ServiceCounters, ServiceId, Session,
     },
     policy::{Action, Identity, ServiceDecision},
@@ -39,6 +39,13 @@ pub trait SessionStore: Send {
     fn remove_sessions(&mut self, keys: &[(IpAddr, ServiceId)]) -> Result<usize, DataplaneError>;
     /// Every session in the kernel map.
     fn sessions(&self) -> Result<Vec<Session>, DataplaneError>;
+    /// When each of `keys` last let a packet through, on the kernel's clock (`None`: not held).
+    fn last_seen(
+        &self,
+        keys: &[(IpAddr, ServiceId)],
+    ) -> Result<Vec<Option<Expiry>>, DataplaneError> {
+        Ok(vec![None; keys.len()])
+    }
     /// Events the kernel suppressed or lost.
     fn event_stats(&self) -> Result<EventStats, DataplaneError> {
         Ok(EventStats::default())
@@ -74,6 +81,12 @@ impl SessionStore for Dataplane {
     }
     fn sessions(&self) -> Result<Vec<Session>, DataplaneError> {
         Dataplane::sessions(self)
+    }
+    fn last_seen(
+        &self,
+        keys: &[(IpAddr, ServiceId)],
+    ) -> Result<Vec<Option<Expiry>>, DataplaneError> {
+        Dataplane::last_seen(self, keys)
     }
     fn event_stats(&self) -> Result<EventStats, DataplaneError> {
         Dataplane::event_stats(self)
@@ -515,9 +528,35 @@ impl SessionManager {
         }
         self.audit_ended(&change.ended);
         self.persist(touched(&change));
+        let ended = change.ended.len() + self.sweep_idle(now);
         if self.dirty {
             self.reconcile(now);
         }
+        ended
+    }
+
+    /// Ends the sessions the kernel found idle past their rule's timeout (it already lets them
+    /// carry nothing): asks the kernel only about grants whose last known activity plus the
+    /// timeout has passed. Returns how many ended.
+    fn sweep_idle(&mut self, now: Now) -> usize {
+        let due = self.table.idle_due(now);
+        if due.is_empty() {
+            return 0;
+        }
+        let seen = match self.store.last_seen(&due) {
+            Ok(seen) => seen,
+            Err(e) => {
+                tracing::error!(error = %e, "reading session activity failed; idle sessions stay closed in the kernel and are ended later");
+                return 0;
+            }
+        };
+        let seen: Vec<_> = due.into_iter().zip(seen).collect();
+        let change = self.table.idle_seen(&seen, now);
+        if let Err(e) = self.apply(&change) {
+            tracing::error!(error = %e, "removing idle sessions failed; will reconcile");
+        }
+        self.audit_ended(&change.ended);
+        self.persist(touched(&change));
         change.ended.len()
     }
 

@@ -89,6 +89,11 @@ pub struct Grant {
     pub expires_at: SystemTime,
     /// Whether the rule asks for logging.
     pub log: bool,
+    /// The rule's idle timeout, which the kernel enforces.
+    pub idle: Option<Duration>,
+    /// With an idle timeout: when to next ask the kernel whether the session went idle (its
+    /// last known activity plus the timeout).
+    pub idle_check: Expiry,
 }
 
 /// What the table knows about one source address.
@@ -126,6 +131,8 @@ pub enum EndReason {
     Error,
     /// A configuration reload: the new policy no longer allows it.
     PolicyChanged,
+    /// It carried no packet for its rule's idle timeout (PAN-OS: `aged-out`).
+    AgedOut,
 }
 
 impl EndReason {
@@ -139,6 +146,7 @@ impl EndReason {
             EndReason::Refreshed => "refreshed",
             EndReason::Error => "error",
             EndReason::PolicyChanged => "policy-changed",
+            EndReason::AgedOut => "aged-out",
         }
     }
 }
@@ -229,6 +237,14 @@ pub fn grant_expiry(
     ))
 }
 
+/// When to first ask the kernel whether a grant written at `at` with `idle` went idle.
+fn idle_check(at: Expiry, idle: Option<Duration>) -> Expiry {
+    let ns = idle.map_or(u64::MAX, |d| {
+        u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+    });
+    Expiry::from_ns(at.as_ns().saturating_add(ns))
+}
+
 /// The session table.
 #[derive(Debug)]
 pub struct SessionTable {
@@ -293,6 +309,8 @@ impl SessionTable {
                     expires,
                     expires_at,
                     log: d.log,
+                    idle: d.idle_timeout,
+                    idle_check: idle_check(now.mono, d.idle_timeout),
                 },
             );
         }
@@ -354,6 +372,7 @@ impl SessionTable {
                     expires: g.expires,
                     identity_id: identity.id,
                     rule_id: g.rule.id,
+                    idle: g.idle,
                 })
                 .collect();
             self.entries += grants.len();
@@ -435,6 +454,8 @@ impl SessionTable {
                                 expires: k.expires,
                                 expires_at: now.wall + left,
                                 log: g.log,
+                                idle: k.idle,
+                                idle_check: idle_check(now.mono, k.idle),
                             },
                         );
                     }
@@ -553,6 +574,75 @@ impl SessionTable {
         change
     }
 
+    /// Grants with an idle timeout due for a look at the kernel: their last known activity plus
+    /// the timeout has passed by `now`.
+    pub fn idle_due(&self, now: Now) -> Vec<(IpAddr, ServiceId)> {
+        let mut due: Vec<_> = self
+            .sources
+            .iter()
+            .flat_map(|(s, r)| {
+                r.grants
+                    .values()
+                    .filter(|g| g.idle.is_some() && g.idle_check <= now.mono)
+                    .map(|g| (*s, g.service))
+            })
+            .collect();
+        due.sort();
+        due
+    }
+
+    /// What the kernel says of the grants [`idle_due`](Self::idle_due) named: each one's last
+    /// activity (`None`: the kernel no longer holds it). Grants idle past their timeout by `now`
+    /// end ([`EndReason::AgedOut`]); the others are looked at again once their timeout has
+    /// passed since that activity.
+    pub fn idle_seen(
+        &mut self,
+        seen: &[((IpAddr, ServiceId), Option<Expiry>)],
+        now: Now,
+    ) -> Change {
+        let mut change = Change::default();
+        for &((source, service), last) in seen {
+            let Some(record) = self.sources.get_mut(&source) else {
+                continue;
+            };
+            let Some(grant) = record.grants.get_mut(&service) else {
+                continue;
+            };
+            let Some(idle) = grant.idle else {
+                continue;
+            };
+            let next = last.map(|l| idle_check(l, Some(idle)));
+            match next {
+                Some(next) if next > now.mono => grant.idle_check = next,
+                _ => {
+                    if let Some(grant) = record.grants.remove(&service) {
+                        self.entries -= 1;
+                        change.remove.push((source, service));
+                        change.ended.push(Ended {
+                            source,
+                            identity: record.identity.clone(),
+                            grant,
+                            reason: EndReason::AgedOut,
+                        });
+                    }
+                }
+            }
+        }
+        let emptied: Vec<IpAddr> = change
+            .ended
+            .iter()
+            .map(|e| e.source)
+            .filter(|s| self.sources.get(s).is_some_and(|r| r.grants.is_empty()))
+            .collect();
+        for source in emptied {
+            if let Some(old) = self.sources.remove(&source) {
+                self.release(old.identity.id);
+                change.sources_ended += 1;
+            }
+        }
+        change
+    }
+
     /// Remembers how the policy saw the identity logged in at `source` (for reloads).
     pub fn set_policy_identity(&mut self, source: IpAddr, identity: Arc<Identity>) {
         if let Some(r) = self.sources.get_mut(&source.to_canonical()) {
@@ -605,11 +695,15 @@ impl SessionTable {
                         let ns = u64::try_from(lifetime.as_nanos()).unwrap_or(u64::MAX);
                         let cap = Expiry::from_ns(grant.started.as_ns().saturating_add(ns));
                         let expires = grant.expires.min(cap);
-                        (expires > now.mono).then_some((rule, expires, d.log))
+                        (expires > now.mono).then_some((rule, expires, d.log, d.idle_timeout))
                     });
                 match kept {
-                    Some((rule, expires, log)) => {
-                        if expires == grant.expires && rule == grant.rule && log == grant.log {
+                    Some((rule, expires, log, idle)) => {
+                        if expires == grant.expires
+                            && rule == grant.rule
+                            && log == grant.log
+                            && idle == grant.idle
+                        {
                             continue;
                         }
                         let shortened = grant.expires.as_ns().saturating_sub(expires.as_ns());
@@ -617,12 +711,18 @@ impl SessionTable {
                         grant.expires = expires;
                         grant.rule = rule;
                         grant.log = log;
+                        if idle != grant.idle {
+                            // Rewriting the entry counts as activity in the kernel.
+                            grant.idle = idle;
+                            grant.idle_check = idle_check(now.mono, idle);
+                        }
                         change.upsert.push(Session {
                             source,
                             service,
                             expires,
                             identity_id: record.identity.id,
                             rule_id: grant.rule.id,
+                            idle: grant.idle,
                         });
                     }
                     None => {
@@ -821,6 +921,9 @@ pub struct ServiceView {
     pub rule: MatchedRule,
     /// When it expires (RFC 3339).
     pub expires_at: String,
+    /// Its idle timeout in seconds, if it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_s: Option<u64>,
 }
 
 impl SessionView {
@@ -849,6 +952,7 @@ impl SessionView {
                     service_id: g.service.get(),
                     rule: g.rule.clone(),
                     expires_at: rfc3339(g.expires_at),
+                    idle_timeout_s: g.idle.map(|d| d.as_secs()),
                 })
                 .collect(),
         }

@@ -437,6 +437,8 @@ fn events_name_the_identity_at_the_source() {
 struct FakeStore {
     map: Arc<Mutex<BTreeMap<(IpAddr, ServiceId), Session>>>,
     fail_upsert: Arc<Mutex<bool>>,
+    /// Last activity per entry, as the kernel would keep it.
+    seen: Arc<Mutex<BTreeMap<(IpAddr, ServiceId), Expiry>>>,
 }
 
 impl FakeStore {
@@ -463,6 +465,17 @@ impl SessionStore for FakeStore {
     }
     fn sessions(&self) -> Result<Vec<Session>, DataplaneError> {
         Ok(self.map.lock().unwrap().values().copied().collect())
+    }
+    fn last_seen(
+        &self,
+        keys: &[(IpAddr, ServiceId)],
+    ) -> Result<Vec<Option<Expiry>>, DataplaneError> {
+        let map = self.map.lock().unwrap();
+        let seen = self.seen.lock().unwrap();
+        Ok(keys
+            .iter()
+            .map(|k| map.get(k).and(seen.get(k).copied()))
+            .collect())
     }
 }
 
@@ -564,6 +577,7 @@ fn manager_fails_closed_and_reconciles() {
             expires: later(n, HOUR).mono,
             identity_id: 42,
             rule_id: 1,
+            idle: None,
         },
     );
     m.sweep_at(n);
@@ -577,6 +591,7 @@ fn manager_fails_closed_and_reconciles() {
             expires: later(n, HOUR).mono,
             identity_id: 42,
             rule_id: 1,
+            idle: None,
         },
     );
     m.sweep_at(n);
@@ -673,6 +688,7 @@ fn kernel(source: &str, service: u32, id: u32, rule: u32, expires: Expiry) -> Se
         expires,
         identity_id: id,
         rule_id: rule,
+        idle: None,
     }
 }
 
@@ -945,4 +961,64 @@ fn a_restarted_manager_adopts_journaled_sessions_under_the_new_policy() {
     drop(m);
     let (_, replayed) = journal::SessionJournal::open(&path).unwrap();
     assert!(replayed.records.is_empty());
+}
+
+#[test]
+fn idle_sessions_age_out_once_the_kernel_saw_nothing_for_their_timeout() {
+    let store = FakeStore::default();
+    let mut m = SessionManager::new(Box::new(store.clone()), catalog(), 100, 12 * HOUR);
+    let n = now();
+    let src = ip("192.0.2.7");
+    let minute = Duration::from_secs(60);
+    let mut idle = allow(1, 1, None);
+    idle.idle_timeout = Some(minute);
+    m.login_at(
+        src,
+        who("alice", &[]),
+        n.wall + HOUR,
+        &[idle, allow(2, 2, None)],
+        n,
+    )
+    .unwrap();
+    assert_eq!(
+        store.map.lock().unwrap()[&(src, sid(1))].idle,
+        Some(minute),
+        "the kernel entry carries the timeout"
+    );
+    assert_eq!(store.map.lock().unwrap()[&(src, sid(2))].idle, None);
+    assert_eq!(
+        m.table().view(src).unwrap().services[0].idle_timeout_s,
+        Some(60)
+    );
+    // Traffic 40 s in: at 61 s the session is not idle, and is looked at again at 100 s.
+    store
+        .seen
+        .lock()
+        .unwrap()
+        .insert((src, sid(1)), later(n, Duration::from_secs(40)).mono);
+    assert_eq!(m.sweep_at(later(n, Duration::from_secs(61))), 0);
+    assert!(
+        m.table()
+            .idle_due(later(n, Duration::from_secs(99)))
+            .is_empty()
+    );
+    assert_eq!(
+        m.table().idle_due(later(n, Duration::from_secs(100))),
+        [(src, sid(1))]
+    );
+    // Nothing since: at 101 s it has aged out; service 2 (no idle timeout) stays.
+    assert_eq!(m.sweep_at(later(n, Duration::from_secs(101))), 1);
+    assert_eq!(store.keys(), [(src, sid(2))]);
+    let view = m.table().view(src).unwrap();
+    assert_eq!(view.services.len(), 1);
+    assert_eq!(view.services[0].service, "svc2");
+    // A session the kernel no longer holds (removed behind the agent's back) ends too.
+    let mut idle = allow(1, 1, None);
+    idle.idle_timeout = Some(minute);
+    let other = ip("192.0.2.8");
+    m.login_at(other, who("bob", &[]), n.wall + HOUR, &[idle], n)
+        .unwrap();
+    store.map.lock().unwrap().remove(&(other, sid(1)));
+    assert_eq!(m.sweep_at(later(n, Duration::from_secs(61))), 1);
+    assert!(m.table().view(other).is_none());
 }

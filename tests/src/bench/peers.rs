@@ -329,6 +329,7 @@ impl Idgate {
                     expires: Expiry::after(Duration::from_secs(3600)),
                     identity_id: 1,
                     rule_id: 1,
+                    idle: None,
                 });
             }
         }

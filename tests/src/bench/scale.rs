@@ -74,6 +74,7 @@ fn idgate_insert(n: usize) -> Result<(f64, f64)> {
             expires,
             identity_id: 1,
             rule_id: 1,
+            idle: None,
         })
         .collect();
     let start = Instant::now();

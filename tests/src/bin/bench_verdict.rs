@@ -81,6 +81,7 @@ fn main() -> Result<()> {
                 expires: Expiry::after(Duration::from_secs(3600)),
                 identity_id: 1,
                 rule_id: 1,
+                idle: None,
             })
             .collect();
         let t = Instant::now();
