@@ -2,14 +2,16 @@
 //!
 //! Start-up order is chosen so that enforcement never waits for anything outside the host:
 //! everything the configuration can get wrong (issuers, CA files, certificate, ports, the admin
-//! socket) is checked first; then the data plane is loaded with its services and CIDR rules and
-//! attached to every interface (from here on, protected ports are closed to anyone without a
-//! session); only then are the IdP's keys fetched. An unreachable IdP is logged loudly and
+//! and whois sockets, the session journal) is checked first; then the data plane is loaded, the
+//! sessions an earlier run pinned are adopted (or removed) under this run's policy, its services
+//! and CIDR rules are written and it is attached to every interface (from here on, protected
+//! ports are closed to anyone without a session); only then are the IdP's keys fetched. An unreachable IdP is logged loudly and
 //! retried in the background: meanwhile tokens are refused as `idp_unavailable` (503), and the
 //! ports stay closed (fail closed).
 //!
 //! Shutdown (SIGINT/SIGTERM, or the future given to [`run`]) stops the endpoints, removes the
-//! admin socket, and drops the data plane, which detaches the programs.
+//! sockets, and drops the data plane: with a pin directory the programs stay attached and the
+//! sessions stay (the next start adopts them); without one, dropping it detaches the programs.
 
 pub mod cli;
 pub mod reload;
@@ -185,6 +187,7 @@ pub async fn run_from(
 
     // Enforcement: closed for everyone without a session from here on.
     notify.status("loading and attaching the data plane");
+    let pinned = config.dataplane.pin_dir.is_some();
     let mut dp = Dataplane::load(config.dataplane.load_options())?;
     // Sessions pinned by an earlier run: adopted under their owners and re-evaluated against
     // this run's policy, before the new services are written (their ids follow the file order);
@@ -353,7 +356,14 @@ pub async fn run_from(
     app.reload.lock().await.refresh = None;
     let left = app.sessions().table().entries();
     app.sessions().close();
-    tracing::info!(sessions = left, "data plane detached; idgate stopped");
+    if pinned {
+        tracing::info!(
+            sessions = left,
+            "idgate stopped; enforcement and sessions stay pinned"
+        );
+    } else {
+        tracing::info!(sessions = left, "data plane detached; idgate stopped");
+    }
     result
 }
 
