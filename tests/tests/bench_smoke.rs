@@ -34,6 +34,8 @@ fn smoke_run_measures_every_variant_and_renders_the_report() -> Result<()> {
             "goodput",
             &[
                 "idgate XDP native",
+                "idgate XDP generic",
+                "idgate TC",
                 "nftables address set",
                 "haproxy jwt_verify",
             ],

@@ -357,8 +357,9 @@ fn read_interfaces(v: &Val<'_, '_>, d: &mut Diags<'_>) -> Option<Vec<InterfaceCo
             }
             Some(s.to_owned())
         });
-        let mode = or_default(t.get("mode"), AttachMode::Xdp, |v| {
-            const MODES: [(&str, AttachMode); 4] = [
+        let mode = or_default(t.get("mode"), AttachMode::Auto, |v| {
+            const MODES: [(&str, AttachMode); 5] = [
+                ("auto", AttachMode::Auto),
                 ("xdp", AttachMode::Xdp),
                 ("xdp-native", AttachMode::XdpNative),
                 ("xdp-generic", AttachMode::XdpGeneric),

@@ -121,7 +121,7 @@ fn defaults_fill_what_is_left_out() {
     let src = format!("{BASE}{ALLOW_ALL_USERS}");
     let (c, warnings) = ok(&src);
     assert!(warnings.is_empty(), "warnings: {warnings:?}");
-    assert_eq!(c.dataplane.interfaces[0].mode, AttachMode::Xdp);
+    assert_eq!(c.dataplane.interfaces[0].mode, AttachMode::Auto);
     assert_eq!(c.dataplane.max_sessions, 65_536);
     assert_eq!(
         c.dataplane.max_session_lifetime,
@@ -678,7 +678,7 @@ fn out_of_range_numbers_and_durations_are_refused() {
     assert_has(
         &errs,
         "dataplane.interfaces[0].mode",
-        "expected one of \"xdp\" | \"xdp-native\"",
+        "expected one of \"auto\" | \"xdp\" | \"xdp-native\"",
     );
     assert_has(
         &errs,

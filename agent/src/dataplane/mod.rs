@@ -128,6 +128,11 @@ pub enum DataplaneError {
 /// How to attach to an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum AttachMode {
+    /// The measured best for the interface's driver: TC on a veth (where any XDP program costs
+    /// the bulk path its GSO/GRO batching: `bench/REPORT.md`, clean-path tax), else [`Xdp`].
+    ///
+    /// [`Xdp`]: AttachMode::Xdp
+    Auto,
     /// XDP in the driver; falls back to generic XDP, with a warning, where the driver lacks it.
     Xdp,
     /// XDP in the driver only; fails where the driver lacks it.
@@ -142,12 +147,13 @@ impl std::str::FromStr for AttachMode {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
+            "auto" => Ok(AttachMode::Auto),
             "xdp" => Ok(AttachMode::Xdp),
             "xdp-native" => Ok(AttachMode::XdpNative),
             "xdp-generic" => Ok(AttachMode::XdpGeneric),
             "tc" => Ok(AttachMode::Tc),
             other => Err(format!(
-                "unknown attach mode {other:?}: expected xdp, xdp-native, xdp-generic or tc"
+                "unknown attach mode {other:?}: expected auto, xdp, xdp-native, xdp-generic or tc"
             )),
         }
     }
@@ -461,6 +467,7 @@ impl Dataplane {
                 "interface {iface} is already attached"
             )));
         }
+        let mode = resolve_mode(iface, mode);
         let Some(dir) = self.options.pin_dir.clone() else {
             let (attached, link) = self.attach_new(iface, mode)?;
             tracing::info!(iface, mode = %attached, "enforcement attached");
@@ -572,7 +579,7 @@ impl Dataplane {
                 Attached::XdpNative,
                 self.attach_xdp(iface, XdpMode::Driver)?,
             ),
-            AttachMode::Xdp => match self.attach_xdp(iface, XdpMode::Driver) {
+            AttachMode::Xdp | AttachMode::Auto => match self.attach_xdp(iface, XdpMode::Driver) {
                 Ok(link) => (Attached::XdpNative, link),
                 Err(e) => {
                     tracing::warn!(
@@ -1105,6 +1112,31 @@ fn verify(
 }
 
 /// Whether an interface attached as `old` satisfies a request for `mode`.
+/// [`AttachMode::Auto`] made concrete for `iface` (in the calling thread's namespace): TC on a
+/// veth, XDP (native, else generic) anywhere else, including where the driver cannot be told.
+fn resolve_mode(iface: &str, mode: AttachMode) -> AttachMode {
+    if mode != AttachMode::Auto {
+        return mode;
+    }
+    match sys::driver_name(iface) {
+        Ok(driver) if driver == "veth" => {
+            tracing::info!(
+                iface,
+                "attach mode auto: tc on a veth (XDP would cost the bulk path its GSO batching)"
+            );
+            AttachMode::Tc
+        }
+        Ok(driver) => {
+            tracing::info!(iface, driver, "attach mode auto: xdp");
+            AttachMode::Xdp
+        }
+        Err(e) => {
+            tracing::info!(iface, error = %e, "attach mode auto: driver unknown; xdp");
+            AttachMode::Xdp
+        }
+    }
+}
+
 fn mode_accepts(mode: AttachMode, old: Attached) -> bool {
     matches!(
         (mode, old),

@@ -141,3 +141,75 @@ pub fn link_detach(link_id: u32) -> io::Result<()> {
     // SAFETY: `detach` is the attr prefix BPF_LINK_DETACH reads; `fd` stays open for the call.
     unsafe { bpf(BPF_LINK_DETACH, &mut detach) }.map(|_| ())
 }
+
+const SIOCETHTOOL: libc::c_ulong = 0x8946;
+const ETHTOOL_GDRVINFO: u32 = 0x0000_0003;
+
+/// `struct ethtool_drvinfo` (include/uapi/linux/ethtool.h).
+#[repr(C)]
+struct EthtoolDrvinfo {
+    cmd: u32,
+    driver: [u8; 32],
+    version: [u8; 32],
+    fw_version: [u8; 32],
+    bus_info: [u8; 32],
+    erom_version: [u8; 32],
+    reserved2: [u8; 12],
+    n_priv_flags: u32,
+    n_stats: u32,
+    testinfo_len: u32,
+    eedump_len: u32,
+    regdump_len: u32,
+}
+
+/// `struct ifreq` with the `ifr_data` member of its union (padded to the union's 24 bytes).
+#[repr(C)]
+struct IfreqData {
+    name: [u8; libc::IFNAMSIZ],
+    data: *mut EthtoolDrvinfo,
+    _pad: [u8; 16],
+}
+
+/// The driver behind `iface` in the calling thread's network namespace (`veth`, `virtio_net`,
+/// `mlx5_core`, ...), as `ethtool -i` reports it. Needs no privilege.
+pub fn driver_name(iface: &str) -> io::Result<String> {
+    let bytes = iface.as_bytes();
+    if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    // SAFETY: a plain socket(2) call; the descriptor is owned (and closed) below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by socket(2) and is owned by nothing else.
+    let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let mut info = EthtoolDrvinfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        version: [0; 32],
+        fw_version: [0; 32],
+        bus_info: [0; 32],
+        erom_version: [0; 32],
+        reserved2: [0; 12],
+        n_priv_flags: 0,
+        n_stats: 0,
+        testinfo_len: 0,
+        eedump_len: 0,
+        regdump_len: 0,
+    };
+    let mut req = IfreqData {
+        name: [0; libc::IFNAMSIZ],
+        data: &mut info,
+        _pad: [0; 16],
+    };
+    req.name[..bytes.len()].copy_from_slice(bytes);
+    // SAFETY: SIOCETHTOOL with ETHTOOL_GDRVINFO reads the name and writes one ethtool_drvinfo
+    // through `data`; both outlive the call.
+    let ret = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCETHTOOL, &mut req as *mut IfreqData) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let end = info.driver.iter().position(|&b| b == 0).unwrap_or(32);
+    Ok(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+}
