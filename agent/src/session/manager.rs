@@ -269,10 +269,10 @@ impl SessionManager {
     }
 
     /// Adopts the sessions an earlier run left in `store` (its pinned kernel map), named by that
-    /// run's `owners` (from its [`SessionJournal`]), as of `now`, then re-evaluates them with `decide` (the
-    /// policy this run starts with) as a reload would. Removes from the kernel every entry not
-    /// adopted (no consistent owner, or expired) or no longer allowed, then rewrites those whose
-    /// rule or expiry changed.
+    /// run's `owners` (from its [`SessionJournal`]), as of `now`, then re-evaluates them with
+    /// `decide` (the policy this run starts with) as a reload would. Removes from the kernel
+    /// every entry not adopted (no consistent owner, or expired) or no longer allowed, then
+    /// rewrites those whose rule, expiry or idle timeout changed.
     ///
     /// Call it before the new services and CIDR rules are written: service ids follow the file
     /// order, so a surviving entry must be gone before its id can name another service. On an
