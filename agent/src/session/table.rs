@@ -565,12 +565,7 @@ impl SessionTable {
                 emptied.push(*source);
             }
         }
-        for source in emptied {
-            if let Some(old) = self.sources.remove(&source) {
-                self.release(old.identity.id);
-                change.sources_ended += 1;
-            }
-        }
+        self.drop_emptied(emptied, &mut change);
         change
     }
 
@@ -634,12 +629,7 @@ impl SessionTable {
             .map(|e| e.source)
             .filter(|s| self.sources.get(s).is_some_and(|r| r.grants.is_empty()))
             .collect();
-        for source in emptied {
-            if let Some(old) = self.sources.remove(&source) {
-                self.release(old.identity.id);
-                change.sources_ended += 1;
-            }
-        }
+        self.drop_emptied(emptied, &mut change);
         change
     }
 
@@ -743,12 +733,7 @@ impl SessionTable {
                 emptied.push(source);
             }
         }
-        for source in emptied {
-            if let Some(old) = self.sources.remove(&source) {
-                self.release(old.identity.id);
-                change.sources_ended += 1;
-            }
-        }
+        self.drop_emptied(emptied, &mut change);
         change
     }
 
@@ -827,6 +812,21 @@ impl SessionTable {
             return Ok(record.clone());
         }
         let id = self.ids.allocate().ok_or(TableError::IdsExhausted)?;
+        Ok(self.insert_identity(who, id))
+    }
+
+    /// Forgets the `emptied` sources (left without grants), releasing their identities.
+    fn drop_emptied(&mut self, emptied: impl IntoIterator<Item = IpAddr>, change: &mut Change) {
+        for source in emptied {
+            if let Some(old) = self.sources.remove(&source) {
+                self.release(old.identity.id);
+                change.sources_ended += 1;
+            }
+        }
+    }
+
+    /// Records `who` under `id` (handed out already), with one source.
+    fn insert_identity(&mut self, who: NewIdentity, id: u32) -> Arc<IdentityRecord> {
         let record = Arc::new(IdentityRecord {
             id,
             issuer: who.issuer.clone(),
@@ -836,7 +836,7 @@ impl SessionTable {
         });
         self.interned.insert(who, id);
         self.identities.insert(id, (record.clone(), 1));
-        Ok(record)
+        record
     }
 
     /// Interns `who` under the id an earlier run gave it; `None` if that id is taken by another
@@ -853,16 +853,7 @@ impl SessionTable {
         if self.identities.contains_key(&id) || !self.ids.reserve(id) {
             return None;
         }
-        let record = Arc::new(IdentityRecord {
-            id,
-            issuer: who.issuer.clone(),
-            subject: who.subject.clone(),
-            user: who.user.clone(),
-            groups: who.groups.clone(),
-        });
-        self.interned.insert(who, id);
-        self.identities.insert(id, (record.clone(), 1));
-        Some(record)
+        Some(self.insert_identity(who, id))
     }
 
     fn release(&mut self, id: u32) {
