@@ -237,6 +237,27 @@ pub fn grant_expiry(
     ))
 }
 
+/// Ends `record`'s grant for `service` (if it has one) into `change`; whether it had one.
+fn end_grant(
+    record: &mut SourceRecord,
+    source: IpAddr,
+    service: ServiceId,
+    reason: EndReason,
+    change: &mut Change,
+) -> bool {
+    let Some(grant) = record.grants.remove(&service) else {
+        return false;
+    };
+    change.remove.push((source, service));
+    change.ended.push(Ended {
+        source,
+        identity: record.identity.clone(),
+        grant,
+        reason,
+    });
+    true
+}
+
 /// When to first ask the kernel whether a grant written at `at` with `idle` went idle.
 fn idle_check(at: Expiry, idle: Option<Duration>) -> Expiry {
     let ns = idle.map_or(u64::MAX, |d| {
@@ -550,15 +571,8 @@ impl SessionTable {
                 .map(|g| g.service)
                 .collect();
             for service in over {
-                if let Some(grant) = record.grants.remove(&service) {
+                if end_grant(record, *source, service, EndReason::Expired, &mut change) {
                     self.entries -= 1;
-                    change.remove.push((*source, service));
-                    change.ended.push(Ended {
-                        source: *source,
-                        identity: record.identity.clone(),
-                        grant,
-                        reason: EndReason::Expired,
-                    });
                 }
             }
             if record.grants.is_empty() {
@@ -610,15 +624,8 @@ impl SessionTable {
             match next {
                 Some(next) if next > now.mono => grant.idle_check = next,
                 _ => {
-                    if let Some(grant) = record.grants.remove(&service) {
+                    if end_grant(record, source, service, EndReason::AgedOut, &mut change) {
                         self.entries -= 1;
-                        change.remove.push((source, service));
-                        change.ended.push(Ended {
-                            source,
-                            identity: record.identity.clone(),
-                            grant,
-                            reason: EndReason::AgedOut,
-                        });
                     }
                 }
             }
@@ -716,15 +723,14 @@ impl SessionTable {
                         });
                     }
                     None => {
-                        if let Some(grant) = record.grants.remove(&service) {
+                        if end_grant(
+                            record,
+                            source,
+                            service,
+                            EndReason::PolicyChanged,
+                            &mut change,
+                        ) {
                             self.entries -= 1;
-                            change.remove.push((source, service));
-                            change.ended.push(Ended {
-                                source,
-                                identity: record.identity.clone(),
-                                grant,
-                                reason: EndReason::PolicyChanged,
-                            });
                         }
                     }
                 }
